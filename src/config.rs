@@ -1,0 +1,177 @@
+//! Configuration: every knob with its unit in its name, its default, and the
+//! relations between knobs checked once at startup (`validate`). The
+//! documented copy of every default is `tuning/default.toml`; a unit test
+//! keeps the two identical.
+
+use serde::{Deserialize, Serialize};
+
+use crate::storage::format::{record_len, BLOCK_BYTES, FILE_HEADER_BYTES, KEY_BYTES_LIMIT, SEGMENT_BYTES_LIMIT};
+
+/// When a write is acknowledged relative to its fdatasync.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// Ack after the commit-log batch holding the write is fdatasync'ed; many
+    /// writes share one write and one fdatasync.
+    Group,
+    /// Ack at once; the commit log is written every batch and fdatasync'ed every
+    /// `sync_interval_ms`. A power loss loses at most that window.
+    Interval,
+    /// Ack at once; no commit log, no fdatasync except when a segment is
+    /// sealed. Partition buffers are written at least every
+    /// `flush_interval_ms`; a crash of the process or the host loses up to that.
+    None,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    pub sync_mode: SyncMode,
+    /// `interval` mode: time between commit-log fdatasyncs.
+    pub sync_interval_ms: u64,
+    /// `none` mode: longest time a partition's buffered records stay in memory only.
+    pub flush_interval_ms: u64,
+    /// A partition's active segment is sealed when it reaches this size.
+    pub segment_bytes: u64,
+    /// Partition buffers are written in appends of this size.
+    pub segment_write_bytes: usize,
+    /// Per shard: bytes of records buffered for partition segments before
+    /// writers wait for the disk.
+    pub write_buffer_bytes_max: usize,
+    /// Size of each preallocated, recycled commit-log file.
+    pub commit_log_file_bytes: u64,
+    /// Commit-log files per shard; when all are in use, the partitions holding
+    /// up the oldest one are synced so it can be recycled.
+    pub commit_log_files_max: usize,
+    /// Largest commit-log batch (one write + one fdatasync).
+    pub commit_batch_bytes_max: usize,
+    /// Per shard: cache of recently read values.
+    pub read_cache_bytes: usize,
+    pub key_bytes_max: usize,
+    pub value_bytes_max: usize,
+    /// A sealed segment is compacted when this fraction of its bytes is dead.
+    pub compaction_dead_ratio: f64,
+    /// Most segments merged by one compaction.
+    pub compaction_inputs_max: usize,
+    /// After ENOSPC, how often writing is retried.
+    pub disk_full_retry_ms: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            sync_mode: SyncMode::Group,
+            sync_interval_ms: 100,
+            flush_interval_ms: 50,
+            segment_bytes: 64 << 20,
+            segment_write_bytes: 1 << 20,
+            write_buffer_bytes_max: 64 << 20,
+            commit_log_file_bytes: 64 << 20,
+            commit_log_files_max: 4,
+            commit_batch_bytes_max: 4 << 20,
+            read_cache_bytes: 64 << 20,
+            key_bytes_max: 4096,
+            value_bytes_max: 1 << 20,
+            compaction_dead_ratio: 0.5,
+            compaction_inputs_max: 16,
+            disk_full_retry_ms: 100,
+        }
+    }
+}
+
+/// A configuration that cannot work, with the knob and the reason.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration: {knob}: {reason}")]
+pub struct ConfigError {
+    pub knob: &'static str,
+    pub reason: String,
+}
+
+fn require(ok: bool, knob: &'static str, reason: impl FnOnce() -> String) -> Result<(), ConfigError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError { knob, reason: reason() })
+    }
+}
+
+impl StorageConfig {
+    /// Bytes of the largest record the limits allow.
+    pub fn record_bytes_max(&self) -> usize {
+        record_len(self.key_bytes_max, self.value_bytes_max)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let block = BLOCK_BYTES as u64;
+        require(self.key_bytes_max >= 1 && self.key_bytes_max <= KEY_BYTES_LIMIT, "key_bytes_max", || {
+            format!("must be 1..={KEY_BYTES_LIMIT} (keys are stored with a u16 length)")
+        })?;
+        require(self.value_bytes_max <= 256 << 20, "value_bytes_max", || "must be at most 256 MiB".into())?;
+        let record_max = self.record_bytes_max() as u64;
+        require(
+            self.segment_write_bytes.is_multiple_of(BLOCK_BYTES) && self.segment_write_bytes >= BLOCK_BYTES,
+            "segment_write_bytes",
+            || format!("must be a non-zero multiple of {BLOCK_BYTES}"),
+        )?;
+        require(
+            self.segment_bytes <= SEGMENT_BYTES_LIMIT
+                && self.segment_bytes >= FILE_HEADER_BYTES as u64 + 2 * record_max + 2 * block,
+            "segment_bytes",
+            || format!("must hold two largest records ({record_max} bytes each) and be at most {SEGMENT_BYTES_LIMIT}"),
+        )?;
+        require(
+            self.commit_batch_bytes_max as u64 >= record_max + 2 * block
+                && self.commit_batch_bytes_max.is_multiple_of(BLOCK_BYTES),
+            "commit_batch_bytes_max",
+            || {
+                format!("must be a multiple of {BLOCK_BYTES} holding the largest record ({record_max} bytes) plus two blocks")
+            },
+        )?;
+        require(
+            self.commit_log_file_bytes.is_multiple_of(block)
+                && self.commit_log_file_bytes >= FILE_HEADER_BYTES as u64 + self.commit_batch_bytes_max as u64,
+            "commit_log_file_bytes",
+            || "must be a multiple of 4096 holding the header and one full batch".into(),
+        )?;
+        require(self.commit_log_files_max >= 2, "commit_log_files_max", || {
+            "must be at least 2 (one written, one being checkpointed)".into()
+        })?;
+        require(
+            self.write_buffer_bytes_max as u64 >= 2 * record_max + self.segment_write_bytes as u64,
+            "write_buffer_bytes_max",
+            || "must hold one partition write unit and two largest records".into(),
+        )?;
+        require(
+            self.compaction_dead_ratio > 0.0 && self.compaction_dead_ratio <= 1.0,
+            "compaction_dead_ratio",
+            || "must be in (0, 1]".into(),
+        )?;
+        require(
+            (1..=crate::storage::format::SUPERSEDES_MAX).contains(&self.compaction_inputs_max),
+            "compaction_inputs_max",
+            || format!("must be 1..={}", crate::storage::format::SUPERSEDES_MAX),
+        )?;
+        require(self.sync_interval_ms >= 1, "sync_interval_ms", || "must be at least 1".into())?;
+        require(self.flush_interval_ms >= 1, "flush_interval_ms", || "must be at least 1".into())?;
+        require(self.disk_full_retry_ms >= 1, "disk_full_retry_ms", || "must be at least 1".into())?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        StorageConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn impossible_relations_are_refused_with_the_knob_named() {
+        let config = StorageConfig { commit_batch_bytes_max: 64 << 10, ..StorageConfig::default() };
+        assert_eq!(config.validate().unwrap_err().knob, "commit_batch_bytes_max");
+        let config = StorageConfig { segment_bytes: 8 << 30, ..StorageConfig::default() };
+        assert_eq!(config.validate().unwrap_err().knob, "segment_bytes");
+    }
+}

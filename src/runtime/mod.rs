@@ -1,0 +1,37 @@
+//! The runtime seam: the only code that calls glommio. Spawning, timers and
+//! the O_DIRECT disk (`DmaDisk`) live here, so the rest of the crate does not
+//! depend on glommio 0.9.0's API (the last release under that name) and a
+//! later change of runtime touches one module.
+
+mod dma_disk;
+
+pub use dma_disk::{DmaDisk, DmaFile};
+
+use std::future::Future;
+use std::io;
+use std::time::Duration;
+
+/// Converts a glommio error, keeping the OS error code (glommio's own
+/// conversion drops it, and the engine needs ENOSPC to tell "full" apart).
+pub fn into_io<T>(error: glommio::GlommioError<T>) -> io::Error {
+    match error {
+        glommio::GlommioError::IoError(e) => e,
+        glommio::GlommioError::EnhancedIoError { source, .. } => source,
+        other => io::Error::from(other),
+    }
+}
+
+/// Runs `future` on the current shard in the background. Dropping a glommio
+/// task handle cancels the task, so the handle is detached here.
+pub fn spawn_detached(future: impl Future<Output = ()> + 'static) {
+    glommio::spawn_local(future).detach();
+}
+
+pub async fn sleep(duration: Duration) {
+    glommio::timer::sleep(duration).await;
+}
+
+/// Lets other tasks of the shard run if this one has used its time slice.
+pub async fn yield_if_needed() {
+    glommio::yield_if_needed().await;
+}

@@ -1,0 +1,364 @@
+//! Per-partition compaction, hint writing for sealed segments (the
+//! maintenance task), and scrubbing (`verify_partition`).
+//!
+//! Compaction rewrites sealed segments whose dead ratio passes the threshold:
+//! 1. scan every input (a damaged input is left out and kept, so damage is
+//!    never erased by compaction; reads keep reporting it);
+//! 2. keep each put the index still points at, and each tombstone whose key
+//!    is absent and which may still shadow an older record outside the
+//!    inputs (some other segment's lowest lsn is below the tombstone's);
+//! 3. write them to `seg-N.seg.tmp` whose header lists the inputs it
+//!    supersedes, fdatasync, write its hint, rename, sync the directory:
+//!    from here recovery deletes the inputs itself;
+//! 4. repoint the index, entry by entry, only where it still points at the
+//!    old place (a newer write wins), yielding between chunks so foreground
+//!    work waits at most one chunk;
+//! 5. delete the inputs.
+//!
+//! A crash before 3 leaves a temporary file (deleted on open); after 3 the
+//! output is complete and supersedes the inputs. Nothing is lost (every live
+//! record is in the output before an input disappears) and nothing returns
+//! (a dropped tombstone had no older record left to shadow).
+
+use std::rc::Rc;
+
+use super::disk::{Disk, DiskBuffer, DiskFile, OpenMode};
+use super::format::{
+    align_up, encode_pad, pad_len, HintHeader, RecordKind, SegmentHeader, SegmentKind, BLOCK_BYTES, FILE_HEADER_BYTES,
+};
+use super::index::Location;
+use super::segment::{push_hint, scan_file, write_hint, ScanMode, SegmentState};
+use super::store::{Inner, Paths, VerifyReport};
+use super::sync::yield_now;
+use super::{IoOp, Result, StorageError};
+
+/// A record chosen for the output.
+struct Kept {
+    key: Vec<u8>,
+    kind: RecordKind,
+    from: Location,
+    to_offset: u32,
+    len: usize,
+}
+
+/// Clears a partition's `compacting` flag however compaction ends.
+struct CompactingGuard<'a, D: Disk> {
+    inner: &'a Inner<D>,
+    partition: u32,
+}
+
+impl<D: Disk> Drop for CompactingGuard<'_, D> {
+    fn drop(&mut self) {
+        if let Some(part) = self.inner.state.borrow_mut().partitions.get_mut(&self.partition) {
+            part.compacting = false;
+        }
+    }
+}
+
+const SWAP_CHUNK_RECORDS: usize = 1024;
+
+impl<D: Disk> Inner<D> {
+    /// The maintenance task: hints for newly sealed segments, then compaction
+    /// of one partition at a time. Ends after close.
+    pub(crate) async fn maintenance_loop(&self) {
+        loop {
+            let work = self.maintenance_work.listen();
+            let (hint_job, compaction_job) = {
+                let st = self.state.borrow();
+                if st.closed || st.closing {
+                    return;
+                }
+                let hint_job = st.partitions.values().find_map(|p| {
+                    p.segments
+                        .iter()
+                        .find(|(_, s)| s.sealed && !s.hinted && s.file.is_some() && s.kind == SegmentKind::Appended)
+                        .map(|(slot, _)| (p.id, slot as u32))
+                });
+                let threshold = self.config.compaction_dead_ratio;
+                let compaction_job = st
+                    .partitions
+                    .values()
+                    .find(|p| !p.compacting && p.segments.iter().any(|(_, s)| s.sealed && s.dead_ratio() >= threshold))
+                    .map(|p| p.id);
+                (hint_job, compaction_job)
+            };
+            if let Some((partition, slot)) = hint_job {
+                if let Err(error) = self.write_segment_hint(partition, slot, true).await {
+                    tracing::warn!(partition, %error, "writing a hint file failed; the segment will be scanned on open");
+                    // Do not retry in a loop: mark it as done for this run.
+                    if let Some(s) = self
+                        .state
+                        .borrow_mut()
+                        .partitions
+                        .get_mut(&partition)
+                        .and_then(|p| p.segments.get_mut(slot as usize))
+                    {
+                        s.hinted = true;
+                    }
+                }
+                continue;
+            }
+            if let Some(partition) = compaction_job {
+                match self.compact_partition(partition).await {
+                    Ok(true) => continue,
+                    Ok(false) => {}
+                    Err(error) => {
+                        tracing::warn!(partition, %error, "compaction failed; it will be retried on the next trigger")
+                    }
+                }
+            }
+            work.await;
+        }
+    }
+
+    /// Compacts one partition if any sealed segment passes the threshold.
+    /// Returns whether it did.
+    pub(crate) async fn compact_partition(&self, partition: u32) -> Result<bool> {
+        // 1. Choose inputs.
+        let (inputs, output_id, lowest_lsn_elsewhere) = {
+            let mut st = self.state.borrow_mut();
+            let Some(part) = st.partitions.get_mut(&partition) else { return Ok(false) };
+            if part.compacting {
+                return Ok(false);
+            }
+            let threshold = self.config.compaction_dead_ratio;
+            let budget = self.config.segment_bytes - (FILE_HEADER_BYTES + 2 * BLOCK_BYTES) as u64;
+            let mut kept_bytes = 0u64;
+            let mut inputs = Vec::new();
+            let mut candidates: Vec<(u64, u32)> = part
+                .segments
+                .iter()
+                .filter(|(_, s)| s.sealed && s.file.is_some() && s.dead_ratio() >= threshold)
+                .map(|(slot, s)| (s.id, slot as u32))
+                .collect();
+            candidates.sort_unstable();
+            for (_, slot) in candidates {
+                let s = &part.segments[slot as usize];
+                let kept = s.live_bytes + s.tombstone_bytes;
+                if inputs.len() == self.config.compaction_inputs_max || kept_bytes + kept > budget {
+                    break;
+                }
+                kept_bytes += kept;
+                inputs.push(slot);
+            }
+            if inputs.is_empty() {
+                return Ok(false);
+            }
+            part.compacting = true;
+            let output_id = part.next_segment_id;
+            part.next_segment_id += 1;
+            let lowest_lsn_elsewhere = part
+                .segments
+                .iter()
+                .filter(|(slot, _)| !inputs.contains(&(*slot as u32)))
+                .map(|(_, s)| s.min_lsn)
+                .min()
+                .unwrap_or(u64::MAX);
+            (inputs, output_id, lowest_lsn_elsewhere)
+        };
+        let _guard = CompactingGuard { inner: self, partition };
+        // 2. Scan inputs and keep what must survive.
+        let mut out: Vec<u8> = Vec::new();
+        let mut hints: Vec<u8> = Vec::new();
+        let mut kept: Vec<Kept> = Vec::new();
+        let mut clean_inputs = Vec::new();
+        let mut input_bytes = 0u64;
+        let (mut min_lsn, mut max_lsn) = (u64::MAX, 0u64);
+        for &slot in &inputs {
+            let (file, id) = {
+                let st = self.state.borrow();
+                let s = &st.partitions[&partition].segments[slot as usize];
+                (s.file.clone().expect("sealed segments have files"), s.id)
+            };
+            let path = self.paths.segment(partition, id);
+            let mark = (out.len(), hints.len(), kept.len());
+            let outcome =
+                scan_file(&*file, &path, FILE_HEADER_BYTES as u64, ScanMode::Resync, |offset, record, raw| {
+                    let st = self.state.borrow();
+                    let index = &st.partitions[&partition].index;
+                    let keep = match record.kind {
+                        RecordKind::Put => {
+                            let here = Location { slot, offset: offset as u32, value_len: record.value.len() as u32 };
+                            index.get(record.key) == Some(here)
+                        }
+                        RecordKind::Remove => index.get(record.key).is_none() && lowest_lsn_elsewhere < record.lsn,
+                        RecordKind::Pad => false,
+                    };
+                    if !keep {
+                        return;
+                    }
+                    let to = (FILE_HEADER_BYTES + out.len()) as u64;
+                    push_hint(&mut hints, to, record);
+                    kept.push(Kept {
+                        key: record.key.to_vec(),
+                        kind: record.kind,
+                        from: Location { slot, offset: offset as u32, value_len: record.value.len() as u32 },
+                        to_offset: to as u32,
+                        len: raw.len(),
+                    });
+                    out.extend_from_slice(raw);
+                })
+                .await?;
+            if outcome.errors.is_empty() {
+                clean_inputs.push((slot, id));
+                input_bytes += outcome.file_bytes;
+            } else {
+                tracing::error!(path = %path.display(), errors = outcome.errors.len(), "segment with corrupt records is not compacted; kept for repair");
+                out.truncate(mark.0);
+                hints.truncate(mark.1);
+                kept.truncate(mark.2);
+            }
+        }
+        if clean_inputs.is_empty() {
+            return Ok(false);
+        }
+        for entry in super::format::HintEntries::new(&hints).flatten() {
+            min_lsn = min_lsn.min(entry.lsn);
+            max_lsn = max_lsn.max(entry.lsn);
+        }
+        // 3. Write the output under a temporary name, then publish it.
+        let path = self.paths.segment(partition, output_id);
+        let tmp = Paths::temporary(&path);
+        let data_end = (FILE_HEADER_BYTES + out.len()) as u64;
+        let total = FILE_HEADER_BYTES + out.len() + pad_len(data_end);
+        let mut buffer = self.disk.alloc_buffer(align_up(total, BLOCK_BYTES));
+        {
+            let bytes = buffer.as_bytes_mut();
+            SegmentHeader {
+                kind: SegmentKind::Compacted,
+                partition,
+                segment_id: output_id,
+                partition_count: self.layout.partition_count,
+                supersedes: clean_inputs.iter().map(|(_, id)| *id).collect(),
+            }
+            .encode(&mut bytes[..FILE_HEADER_BYTES]);
+            bytes[FILE_HEADER_BYTES..data_end as usize].copy_from_slice(&out);
+            if total > data_end as usize {
+                encode_pad(&mut bytes[data_end as usize..total], partition, max_lsn);
+            }
+        }
+        drop(out);
+        let file =
+            self.disk.open(&tmp, OpenMode::CreateNew).await.map_err(|e| StorageError::io(IoOp::Open, &tmp, e))?;
+        let write = file.write_at(Rc::new(buffer), 0).await;
+        if let Err(error) = write {
+            let _ = self.disk.remove(&tmp).await;
+            return Err(if super::disk::is_no_space(&error) {
+                self.set_full(&tmp)
+            } else {
+                StorageError::io(IoOp::Write, &tmp, error)
+            });
+        }
+        file.fdatasync().await.map_err(|e| StorageError::io(IoOp::Sync, &tmp, e))?;
+        let hint = HintHeader {
+            sealed: true,
+            partition,
+            segment_id: output_id,
+            covered_end: total as u64,
+            entry_count: kept.len() as u64,
+            entries_len: 0,
+            entries_crc: 0,
+            min_lsn,
+            max_lsn,
+        };
+        write_hint(&self.disk, &self.paths.hint(partition, output_id), hint, &hints).await?;
+        self.disk.rename(&tmp, &path).await.map_err(|e| StorageError::io(IoOp::Rename, &tmp, e))?;
+        let dir = self.paths.partition_dir(partition);
+        self.disk.sync_dir(&dir).await.map_err(|e| StorageError::io(IoOp::SyncDir, &dir, e))?;
+        // 4. Register the output and repoint the index.
+        let output_slot = {
+            let mut st = self.state.borrow_mut();
+            let part = st.partitions.get_mut(&partition).expect("partition");
+            let mut segment = SegmentState::new(output_id, SegmentKind::Compacted);
+            segment.file = Some(Rc::new(file));
+            segment.data_end = total as u64;
+            segment.min_lsn = min_lsn;
+            segment.max_lsn = max_lsn;
+            segment.sealed = true;
+            segment.hinted = true;
+            part.segments.insert(segment) as u32
+        };
+        for chunk in kept.chunks(SWAP_CHUNK_RECORDS) {
+            {
+                let mut st = self.state.borrow_mut();
+                let part = st.partitions.get_mut(&partition).expect("partition");
+                for k in chunk {
+                    match k.kind {
+                        RecordKind::Put => {
+                            let to = Location { slot: output_slot, offset: k.to_offset, value_len: k.from.value_len };
+                            if part.index.replace_if(&k.key, k.from, to) {
+                                part.segments[k.from.slot as usize].live_bytes -= k.len as u64;
+                                part.segments[output_slot as usize].live_bytes += k.len as u64;
+                            }
+                        }
+                        _ => part.segments[output_slot as usize].tombstone_bytes += k.len as u64,
+                    }
+                }
+            }
+            yield_now().await;
+        }
+        // 5. Drop the inputs.
+        let reclaimed = {
+            let mut st = self.state.borrow_mut();
+            let part = st.partitions.get_mut(&partition).expect("partition");
+            for (slot, _) in &clean_inputs {
+                let removed = part.segments.remove(*slot as usize);
+                debug_assert_eq!(removed.live_bytes, 0, "a live record was left in a compacted input");
+            }
+            input_bytes.saturating_sub(total as u64)
+        };
+        for (_, id) in &clean_inputs {
+            for p in [self.paths.segment(partition, *id), self.paths.hint(partition, *id)] {
+                match self.disk.remove(&p).await {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(StorageError::io(IoOp::Remove, &p, e)),
+                }
+            }
+        }
+        self.disk.sync_dir(&dir).await.map_err(|e| StorageError::io(IoOp::SyncDir, &dir, e))?;
+        let mut st = self.state.borrow_mut();
+        st.stats.compactions += 1;
+        st.stats.compaction_bytes_reclaimed += reclaimed;
+        tracing::debug!(partition, inputs = clean_inputs.len(), output_id, reclaimed, "compacted");
+        Ok(true)
+    }
+
+    /// Reads every segment of a partition end to end and reports every
+    /// record that fails its checks (and any non-zero byte where only
+    /// padding may be).
+    pub(crate) async fn verify_partition(&self, partition: u32) -> Result<VerifyReport> {
+        let segments: Vec<(u64, Rc<D::File>)> = {
+            let st = self.state.borrow();
+            let Some(part) = st.partitions.get(&partition) else { return Ok(VerifyReport::default()) };
+            part.segments.iter().filter_map(|(_, s)| s.file.clone().map(|f| (s.id, f))).collect()
+        };
+        let mut report = VerifyReport::default();
+        for (id, file) in segments {
+            let path = self.paths.segment(partition, id);
+            let head = file.read_at(0, FILE_HEADER_BYTES).await.map_err(|e| StorageError::io(IoOp::Read, &path, e))?;
+            if let Err(error) =
+                super::segment::check_segment_header(&head, &path, partition, self.layout.partition_count)
+            {
+                tracing::error!(%error, "segment header failed verification");
+                report.errors.push((path.clone(), 0, super::format::RecordError::BadHeader));
+            }
+            let outcome = scan_file(&*file, &path, FILE_HEADER_BYTES as u64, ScanMode::Resync, |_, _, _| {}).await?;
+            report.segments += 1;
+            report.records += outcome.records;
+            report.bytes += outcome.file_bytes;
+            report.errors.extend(outcome.errors.into_iter().map(|(offset, error)| (path.clone(), offset, error)));
+        }
+        Ok(report)
+    }
+
+    /// Runs the three background loops until close.
+    pub(crate) async fn run_background(self: Rc<Self>) {
+        let log = async {
+            if self.state.borrow().log.is_some() && self.config.sync_mode != crate::config::SyncMode::None {
+                self.log_loop().await;
+            }
+        };
+        futures::join!(log, self.segment_loop(), self.maintenance_loop());
+    }
+}

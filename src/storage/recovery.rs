@@ -1,0 +1,595 @@
+//! Opening a shard's storage after a clean stop or a crash, and closing it.
+//!
+//! Per partition: delete temporary files, finish interrupted compactions
+//! (a compaction output's header names the inputs it supersedes), then load
+//! every segment from its hint file or by scanning it. Among records for one
+//! key the highest lsn wins, so the order in which segments are read does
+//! not matter. The newest appended segment, unless sealed, is the active
+//! one: its valid prefix is kept and everything after the first invalid
+//! record (a torn tail) is cut off. Sealed segments are scanned past
+//! damage: a corrupt record is reported and skipped, the valid records
+//! after it are kept.
+//!
+//! Then the commit log is replayed: a record is applied only if its lsn is
+//! above the highest lsn its partition already holds (everything at or below
+//! that is present, because a partition's records reach its segments in lsn
+//! order and a segment is synced before the next one is written). Finally
+//! every partition is synced, the log files are marked empty, and a new lsn
+//! epoch is recorded, above every lsn ever issued, so that no record left
+//! behind a torn tail can be mistaken for a new one.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::rc::Rc;
+
+use super::commit_log::{parse_log_file_name, read_log_header, replay_log_file, CommitLog, LogFile};
+use super::disk::{Disk, DiskBuffer, DiskFile, OpenMode};
+use super::format::{
+    align_down_u64, align_up_u64, record_len, HintEntries, HintHeader, RecordKind, BLOCK_BYTES, FILE_HEADER_BYTES,
+};
+use super::index::{KeyIndex, Location};
+use super::segment::{
+    check_segment_header, push_hint, read_hint, scan_file, write_hint, PartitionState, ScanMode, SegmentBuffer,
+    SegmentState,
+};
+use super::store::{Inner, Paths};
+use super::{IoOp, Result, StorageError};
+use crate::config::SyncMode;
+
+/// Lsns are issued in epochs of 2^40: each recovery starts a new epoch.
+pub const LSN_EPOCH_BITS: u32 = 40;
+const EPOCH_FILE: &str = "EPOCH";
+const EPOCH_MAGIC: &[u8; 8] = b"RINGKVEP";
+
+/// A key's winning record while a partition is being loaded.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Recovered {
+    location: Location,
+    lsn: u64,
+    kind: RecordKind,
+}
+
+/// A commit-log record to re-apply.
+struct ReplayRecord {
+    partition: u32,
+    kind: RecordKind,
+    lsn: u64,
+    key: Vec<u8>,
+    raw: Vec<u8>,
+}
+
+fn parse_segment_file_name(name: &str) -> Option<(u64, &'static str)> {
+    let rest = name.strip_prefix("seg-")?;
+    for ext in [".seg", ".hint", ".seg.tmp", ".hint.tmp"] {
+        if let Some(hex) = rest.strip_suffix(ext) {
+            if hex.len() == 16 {
+                return u64::from_str_radix(hex, 16).ok().map(|id| (id, ext));
+            }
+        }
+    }
+    None
+}
+
+impl<D: Disk> Inner<D> {
+    pub(crate) async fn recover(&self) -> Result<()> {
+        for dir in [&self.paths.partitions, &self.paths.commit_log] {
+            self.disk.create_dir_all(dir).await.map_err(|e| StorageError::io(IoOp::CreateDir, dir, e))?;
+            if let Some(parent) = dir.parent() {
+                self.disk.sync_dir(parent).await.map_err(|e| StorageError::io(IoOp::SyncDir, parent, e))?;
+            }
+        }
+        let names = self
+            .disk
+            .list_dir(&self.paths.partitions)
+            .await
+            .map_err(|e| StorageError::io(IoOp::List, &self.paths.partitions, e))?;
+        let mut max_lsn = 0u64;
+        for name in names {
+            let Some(partition) = name.strip_prefix("p-").and_then(|n| n.parse::<u32>().ok()) else { continue };
+            if !self.layout.owns(partition) {
+                continue;
+            }
+            if partition >= self.layout.partition_count {
+                return Err(StorageError::PartitionOutOfRange {
+                    partition,
+                    partition_count: self.layout.partition_count,
+                });
+            }
+            let part = self.recover_partition(partition).await?;
+            max_lsn = max_lsn.max(part.max_lsn);
+            self.state.borrow_mut().partitions.insert(partition, part);
+        }
+        let (epoch, log_files) = self.read_epoch_and_logs(&mut max_lsn).await?;
+        let next_epoch = epoch.max(max_lsn >> LSN_EPOCH_BITS) + 1;
+        self.state.borrow_mut().next_lsn = next_epoch << LSN_EPOCH_BITS;
+        self.replay_logs(&log_files).await?;
+        // Make everything found durable before forgetting the logs.
+        self.checkpoint_during_recovery().await?;
+        self.write_epoch(next_epoch).await?;
+        self.open_log(log_files).await?;
+        self.reset_log_files().await?;
+        let st = self.state.borrow();
+        tracing::info!(
+            shard = self.layout.shard,
+            partitions = st.partitions.len(),
+            keys = st.partitions.values().map(|p| p.index.len()).sum::<usize>(),
+            replayed = st.stats.recovered_records,
+            corrupt = st.stats.recovery_corrupt_records,
+            "storage shard opened"
+        );
+        Ok(())
+    }
+
+    async fn recover_partition(&self, partition: u32) -> Result<PartitionState<D>> {
+        let dir = self.paths.partition_dir(partition);
+        let names = self.disk.list_dir(&dir).await.map_err(|e| StorageError::io(IoOp::List, &dir, e))?;
+        let mut part = PartitionState::new(partition);
+        part.dir_ready = true;
+        let mut segment_ids = Vec::new();
+        let mut hint_ids = Vec::new();
+        let mut removed = false;
+        for name in &names {
+            match parse_segment_file_name(name) {
+                Some((_, ".seg.tmp" | ".hint.tmp")) => {
+                    let path = dir.join(name);
+                    self.disk.remove(&path).await.map_err(|e| StorageError::io(IoOp::Remove, &path, e))?;
+                    removed = true;
+                }
+                Some((id, ".seg")) => segment_ids.push(id),
+                Some((id, ".hint")) => hint_ids.push(id),
+                _ => tracing::warn!(path = %dir.join(name).display(), "unknown file in partition directory left alone"),
+            }
+        }
+        segment_ids.sort_unstable();
+        // Open every segment and read its header.
+        let mut segments = BTreeMap::new();
+        let newest = segment_ids.last().copied();
+        for id in &segment_ids {
+            let path = self.paths.segment(partition, *id);
+            let file =
+                self.disk.open(&path, OpenMode::Existing).await.map_err(|e| StorageError::io(IoOp::Open, &path, e))?;
+            let head = file.read_at(0, FILE_HEADER_BYTES).await.map_err(|e| StorageError::io(IoOp::Read, &path, e))?;
+            if Some(*id) == newest && head.iter().all(|&b| b == 0) {
+                // The newest segment's first write never reached the disk:
+                // it holds nothing (its records, if acknowledged, are in the
+                // commit log).
+                tracing::warn!(path = %path.display(), "empty newest segment removed");
+                drop(file);
+                self.disk.remove(&path).await.map_err(|e| StorageError::io(IoOp::Remove, &path, e))?;
+                removed = true;
+                continue;
+            }
+            let header = check_segment_header(&head, &path, partition, self.layout.partition_count)?;
+            if header.segment_id != *id {
+                return Err(StorageError::BadFile {
+                    path,
+                    error: super::format::HeaderError::BadField("segment id differs from file name"),
+                });
+            }
+            segments.insert(*id, (header, file));
+        }
+        // Finish interrupted compactions: an output supersedes its inputs.
+        let superseded: Vec<u64> = segments.values().flat_map(|(h, _)| h.supersedes.clone()).collect();
+        for id in superseded {
+            if segments.remove(&id).is_some() {
+                for path in [self.paths.segment(partition, id), self.paths.hint(partition, id)] {
+                    match self.disk.remove(&path).await {
+                        Ok(()) => removed = true,
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(StorageError::io(IoOp::Remove, &path, e)),
+                    }
+                }
+            }
+        }
+        for id in hint_ids.iter().filter(|id| !segments.contains_key(id)) {
+            let path = self.paths.hint(partition, *id);
+            self.disk.remove(&path).await.map_err(|e| StorageError::io(IoOp::Remove, &path, e))?;
+            removed = true;
+        }
+        if removed {
+            self.disk.sync_dir(&dir).await.map_err(|e| StorageError::io(IoOp::SyncDir, &dir, e))?;
+        }
+        let active_id =
+            segments.iter().rev().find(|(_, (h, _))| h.kind == super::format::SegmentKind::Appended).map(|(id, _)| *id);
+        let mut index: KeyIndex<Recovered> = KeyIndex::default();
+        let mut corrupt = 0u64;
+        let mut active = None;
+        for (id, (header, file)) in segments {
+            let path = self.paths.segment(partition, id);
+            let file = Rc::new(file);
+            let mut state = SegmentState::<D>::new(id, header.kind);
+            let slot = part.segments.vacant_key() as u32;
+            let mut tombstones = 0u64;
+            let mut feed =
+                |kind: RecordKind, key: &[u8], offset: u64, value_len: u32, lsn: u64, state: &mut SegmentState<D>| {
+                    state.min_lsn = state.min_lsn.min(lsn);
+                    state.max_lsn = state.max_lsn.max(lsn);
+                    if kind == RecordKind::Remove {
+                        tombstones += record_len(key.len(), 0) as u64;
+                    }
+                    let newer = index.get(key).is_none_or(|r| r.lsn < lsn);
+                    if newer {
+                        let location = Location { slot, offset: offset as u32, value_len };
+                        index.insert(key, Recovered { location, lsn, kind });
+                    }
+                };
+            let file_bytes = file.size().await.map_err(|e| StorageError::io(IoOp::Stat, &path, e))?;
+            let mut start = FILE_HEADER_BYTES as u64;
+            if let Some((hint, entries)) = read_hint(&self.disk, &self.paths.hint(partition, id)).await {
+                if hint.segment_id == id && hint.partition == partition && hint.covered_end <= file_bytes {
+                    for entry in HintEntries::new(&entries).flatten() {
+                        feed(entry.kind, entry.key, u64::from(entry.offset), entry.value_len, entry.lsn, &mut state);
+                    }
+                    start = hint.covered_end;
+                    state.data_end = hint.covered_end;
+                    state.hinted = hint.sealed;
+                }
+            }
+            let is_active = Some(id) == active_id && !state.hinted;
+            if !state.hinted {
+                let mode = if is_active { ScanMode::StopAtInvalid } else { ScanMode::Resync };
+                let outcome = scan_file(&*file, &path, start, mode, |offset, record, _raw| {
+                    if record.kind != RecordKind::Pad {
+                        feed(record.kind, record.key, offset, record.value.len() as u32, record.lsn, &mut state);
+                    }
+                })
+                .await?;
+                for (offset, error) in &outcome.errors {
+                    tracing::error!(path = %path.display(), offset, %error, "corrupt record skipped during recovery");
+                }
+                corrupt += outcome.errors.len() as u64;
+                state.data_end = outcome.valid_end.max(start);
+            }
+            state.tombstone_bytes = tombstones;
+            state.file = Some(file.clone());
+            if is_active {
+                active = Some((slot, state.data_end, file.clone(), path.clone(), file_bytes, state.max_lsn));
+            } else {
+                state.sealed = true;
+            }
+            let inserted = part.segments.insert(state);
+            assert_eq!(inserted as u32, slot);
+            part.next_segment_id = part.next_segment_id.max(id + 1);
+        }
+        // Keep only live puts; count live bytes per segment.
+        let final_index = index.map_values(|r| (r.kind == RecordKind::Put).then_some(r.location));
+        for (key, location) in final_index.iter() {
+            part.segments[location.slot as usize].live_bytes +=
+                record_len(key.len(), location.value_len as usize) as u64;
+        }
+        part.index = final_index;
+        part.max_lsn = part.segments.iter().map(|(_, s)| s.max_lsn).max().unwrap_or(0);
+        part.synced_lsn = part.segments.iter().filter(|(_, s)| s.sealed).map(|(_, s)| s.max_lsn).max().unwrap_or(0);
+        if let Some((slot, valid_end, file, path, file_bytes, last_lsn)) = active {
+            // Cut the torn tail and keep the partial last block in memory;
+            // the next write of this segment pads or extends it.
+            let keep = align_up_u64(valid_end, BLOCK_BYTES as u64);
+            if file_bytes > keep {
+                file.truncate(keep).await.map_err(|e| StorageError::io(IoOp::Truncate, &path, e))?;
+            }
+            let tail_start = align_down_u64(valid_end, BLOCK_BYTES as u64);
+            let partial = (valid_end - tail_start) as usize;
+            let mut tail = self.disk.alloc_buffer(self.config.segment_write_bytes.max(BLOCK_BYTES));
+            if partial > 0 {
+                let bytes =
+                    file.read_at(tail_start, partial).await.map_err(|e| StorageError::io(IoOp::Read, &path, e))?;
+                tail.as_bytes_mut()[..partial].copy_from_slice(&bytes);
+            }
+            self.state.borrow_mut().buffered_bytes += partial;
+            part.active = Some(SegmentBuffer {
+                slot,
+                write_offset: valid_end,
+                tail_start,
+                tail: Some(tail),
+                unwritten: Default::default(),
+                last_lsn,
+                dirty_since: None,
+            });
+            // The active segment's bytes were written but maybe not synced.
+            part.sync_target = part.max_lsn;
+        }
+        self.state.borrow_mut().stats.recovery_corrupt_records += corrupt;
+        Ok(part)
+    }
+
+    /// Reads the epoch file and the log file headers; raises `max_lsn` to
+    /// every lsn they vouch for.
+    async fn read_epoch_and_logs(&self, max_lsn: &mut u64) -> Result<(u64, Vec<(u64, D::File, Option<u64>)>)> {
+        let mut epoch = 0;
+        let epoch_path = self.paths.commit_log.join(EPOCH_FILE);
+        if let Ok(file) = self.disk.open(&epoch_path, OpenMode::Existing).await {
+            let bytes = file.read_at(0, BLOCK_BYTES).await.map_err(|e| StorageError::io(IoOp::Read, &epoch_path, e))?;
+            if bytes.len() >= 20
+                && &bytes[..8] == EPOCH_MAGIC
+                && crc32fast::hash(&bytes[..16]) == u32::from_le_bytes(bytes[16..20].try_into().expect("4"))
+            {
+                epoch = u64::from_le_bytes(bytes[8..16].try_into().expect("8"));
+            } else {
+                tracing::warn!(path = %epoch_path.display(), "epoch file damaged; the epoch is derived from the data");
+            }
+        }
+        let names = self
+            .disk
+            .list_dir(&self.paths.commit_log)
+            .await
+            .map_err(|e| StorageError::io(IoOp::List, &self.paths.commit_log, e))?;
+        let mut files = Vec::new();
+        for name in names {
+            let path = self.paths.commit_log.join(&name);
+            if name.ends_with(".tmp") {
+                self.disk.remove(&path).await.map_err(|e| StorageError::io(IoOp::Remove, &path, e))?;
+                continue;
+            }
+            let Some(number) = parse_log_file_name(&name) else { continue };
+            let file =
+                self.disk.open(&path, OpenMode::Existing).await.map_err(|e| StorageError::io(IoOp::Open, &path, e))?;
+            let header = read_log_header(&file, &path).await?;
+            if let Some(h) = &header {
+                if h.shard != self.layout.shard {
+                    return Err(StorageError::BadFile {
+                        path,
+                        error: super::format::HeaderError::BadField("commit log of another shard"),
+                    });
+                }
+                *max_lsn = (*max_lsn).max(h.first_lsn);
+            }
+            files.push((number, file, header.map(|h| h.first_lsn)));
+        }
+        files.sort_by_key(|(number, _, first)| (first.unwrap_or(0), *number));
+        Ok((epoch, files))
+    }
+
+    /// Applies log records not yet in their partitions' segments.
+    async fn replay_logs(&self, files: &[(u64, D::File, Option<u64>)]) -> Result<()> {
+        let mut max_seen = BTreeMap::<u32, u64>::new();
+        {
+            let st = self.state.borrow();
+            for (p, part) in &st.partitions {
+                max_seen.insert(*p, part.max_lsn);
+            }
+        }
+        for (number, file, first_lsn) in files {
+            let path = self.paths.commit_log.join(super::commit_log::log_file_name(*number));
+            let mut pending: Vec<ReplayRecord> = Vec::new();
+            let mut foreign = None;
+            replay_log_file::<D>(file, &path, first_lsn.unwrap_or(0), |record, raw| {
+                let seen = max_seen.entry(record.partition).or_insert(0);
+                if record.lsn <= *seen {
+                    return;
+                }
+                if !self.layout.owns(record.partition) || record.partition >= self.layout.partition_count {
+                    foreign.get_or_insert(record.partition);
+                    return;
+                }
+                *seen = record.lsn;
+                pending.push(ReplayRecord {
+                    partition: record.partition,
+                    kind: record.kind,
+                    lsn: record.lsn,
+                    key: record.key.to_vec(),
+                    raw: raw.to_vec(),
+                });
+            })
+            .await?;
+            if let Some(partition) = foreign {
+                tracing::error!(partition, path = %path.display(), "commit log holds records of a partition this shard does not own");
+                return Err(StorageError::ShardCountChanged { found: 0, configured: self.layout.shard_count });
+            }
+            for ReplayRecord { partition, kind, lsn, key, raw } in pending {
+                {
+                    let mut st = self.state.borrow_mut();
+                    st.stats.recovered_records += 1;
+                    self.append_to_partition(&mut st, partition, kind, lsn, &key, raw.len(), |out| {
+                        out.copy_from_slice(&raw)
+                    });
+                }
+                if self.state.borrow().buffered_bytes > self.config.write_buffer_bytes_max {
+                    self.flush_all_now().await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs flush jobs inline (the background tasks are not running yet).
+    async fn flush_all_now(&self) -> Result<()> {
+        let partitions: Vec<u32> = self.state.borrow().partitions.keys().copied().collect();
+        for p in partitions {
+            self.flush_partition(p).await?;
+        }
+        Ok(())
+    }
+
+    async fn checkpoint_during_recovery(&self) -> Result<()> {
+        {
+            let mut st = self.state.borrow_mut();
+            for part in st.partitions.values_mut() {
+                part.sync_target = part.sync_target.max(part.max_lsn);
+            }
+        }
+        self.flush_all_now().await?;
+        let st = self.state.borrow();
+        debug_assert!(st.partitions.values().all(|p| p.synced_lsn >= p.max_lsn && p.sealing.is_empty()));
+        Ok(())
+    }
+
+    async fn write_epoch(&self, epoch: u64) -> Result<()> {
+        let path = self.paths.commit_log.join(EPOCH_FILE);
+        let tmp = Paths::temporary(&path);
+        let mut block = self.disk.alloc_buffer(BLOCK_BYTES);
+        let bytes = block.as_bytes_mut();
+        bytes.fill(0);
+        bytes[..8].copy_from_slice(EPOCH_MAGIC);
+        bytes[8..16].copy_from_slice(&epoch.to_le_bytes());
+        let crc = crc32fast::hash(&bytes[..16]);
+        bytes[16..20].copy_from_slice(&crc.to_le_bytes());
+        let _ = self.disk.remove(&tmp).await;
+        let file =
+            self.disk.open(&tmp, OpenMode::CreateNew).await.map_err(|e| StorageError::io(IoOp::Open, &tmp, e))?;
+        file.write_at(Rc::new(block), 0).await.map_err(|e| StorageError::io(IoOp::Write, &tmp, e))?;
+        file.fdatasync().await.map_err(|e| StorageError::io(IoOp::Sync, &tmp, e))?;
+        self.disk.rename(&tmp, &path).await.map_err(|e| StorageError::io(IoOp::Rename, &tmp, e))?;
+        self.disk
+            .sync_dir(&self.paths.commit_log)
+            .await
+            .map_err(|e| StorageError::io(IoOp::SyncDir, &self.paths.commit_log, e))
+    }
+
+    /// Sets up the commit log for writing: existing files are kept for reuse;
+    /// in log modes at least two exist so one can be checkpointed while the
+    /// other is written.
+    async fn open_log(&self, files: Vec<(u64, D::File, Option<u64>)>) -> Result<()> {
+        let first_lsn = self.state.borrow().next_lsn;
+        let mut log_files: Vec<LogFile<D>> = files
+            .into_iter()
+            .map(|(number, file, _)| LogFile {
+                number,
+                path: self.paths.commit_log.join(super::commit_log::log_file_name(number)),
+                file: Rc::new(file),
+                first_lsn,
+                partitions: BTreeMap::new(),
+                in_use: false,
+            })
+            .collect();
+        log_files.sort_by_key(|f| f.number);
+        let mut next_number = log_files.last().map_or(1, |f| f.number + 1);
+        if self.config.sync_mode != SyncMode::None {
+            while log_files.len() < 2.min(self.config.commit_log_files_max) {
+                let (file, path) = self.create_log_file(next_number, first_lsn).await?;
+                log_files.push(LogFile {
+                    number: next_number,
+                    path,
+                    file: Rc::new(file),
+                    first_lsn,
+                    partitions: BTreeMap::new(),
+                    in_use: false,
+                });
+                next_number += 1;
+            }
+        }
+        if log_files.is_empty() {
+            return Ok(());
+        }
+        log_files[0].in_use = true;
+        self.state.borrow_mut().log = Some(CommitLog {
+            files: log_files,
+            active: 0,
+            write_pos: FILE_HEADER_BYTES as u64,
+            next_number,
+            unsynced: false,
+            writing: false,
+        });
+        Ok(())
+    }
+
+    /// Stops writes, makes everything durable, writes hints for active
+    /// segments (so the next open reads no segment data), marks the log
+    /// empty and ends the background tasks.
+    pub(crate) async fn close(&self) -> Result<()> {
+        {
+            let mut st = self.state.borrow_mut();
+            if st.closed {
+                return Err(StorageError::Closed);
+            }
+            st.closing = true;
+        }
+        self.batch_taken.notify();
+        self.log_work.notify();
+        self.flushed.notify();
+        loop {
+            let progress = self.flushed.listen();
+            {
+                let st = self.state.borrow();
+                let writing = st.log.as_ref().is_some_and(|l| l.writing);
+                if st.batch.len == 0 && !writing {
+                    break;
+                }
+            }
+            self.log_work.notify();
+            progress.await;
+        }
+        let result = self.close_durably().await;
+        {
+            let mut st = self.state.borrow_mut();
+            st.closed = true;
+        }
+        self.log_work.notify();
+        self.segment_work.notify();
+        self.maintenance_work.notify();
+        self.flushed.notify();
+        result
+    }
+
+    async fn close_durably(&self) -> Result<()> {
+        self.checkpoint_all().await?;
+        let actives: Vec<(u32, u32)> = {
+            let st = self.state.borrow();
+            st.partitions.values().filter_map(|p| p.active.as_ref().map(|a| (p.id, a.slot))).collect()
+        };
+        for (partition, slot) in actives {
+            self.write_segment_hint(partition, slot, false).await?;
+        }
+        if self.state.borrow().unhealthy.is_some() {
+            return Err(self.unhealthy_error());
+        }
+        self.reset_log_files().await
+    }
+
+    /// Scans a segment's file and writes its hint file. `sealed` says the
+    /// hint covers a segment that will not grow.
+    pub(crate) async fn write_segment_hint(&self, partition: u32, slot: u32, sealed: bool) -> Result<()> {
+        let (file, id, data_end) = {
+            let st = self.state.borrow();
+            let Some(segment) = st.partitions.get(&partition).and_then(|p| p.segments.get(slot as usize)) else {
+                return Ok(());
+            };
+            (segment.file.clone(), segment.id, segment.data_end)
+        };
+        let Some(file) = file else { return Ok(()) };
+        let path = self.paths.segment(partition, id);
+        let mut entries = Vec::new();
+        let (mut min_lsn, mut max_lsn) = (u64::MAX, 0);
+        let outcome = scan_file(&*file, &path, FILE_HEADER_BYTES as u64, ScanMode::Resync, |offset, record, _| {
+            if offset < data_end {
+                push_hint(&mut entries, offset, record);
+                if record.kind != RecordKind::Pad {
+                    min_lsn = min_lsn.min(record.lsn);
+                    max_lsn = max_lsn.max(record.lsn);
+                }
+            }
+        })
+        .await?;
+        if !outcome.errors.is_empty() {
+            // Never describe a damaged segment by a hint: recovery must keep
+            // scanning it (and reporting the damage).
+            tracing::error!(path = %path.display(), errors = outcome.errors.len(), "segment has corrupt records; no hint written");
+            return Ok(());
+        }
+        let covered_end = outcome.valid_end.min(data_end).max(FILE_HEADER_BYTES as u64);
+        let header = HintHeader {
+            sealed,
+            partition,
+            segment_id: id,
+            covered_end,
+            entry_count: outcome.records,
+            entries_len: 0,
+            entries_crc: 0,
+            min_lsn,
+            max_lsn,
+        };
+        write_hint(&self.disk, &self.paths.hint(partition, id), header, &entries).await?;
+        if sealed {
+            if let Some(segment) =
+                self.state.borrow_mut().partitions.get_mut(&partition).and_then(|p| p.segments.get_mut(slot as usize))
+            {
+                segment.hinted = true;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Shared by tests: whether a path names a segment file.
+pub fn is_segment_path(path: &Path) -> bool {
+    path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("seg-") && n.ends_with(".seg"))
+}

@@ -1,0 +1,858 @@
+//! Partition replicas on disk: segment files, their in-memory write buffers,
+//! the segment task that writes, syncs and seals them, the scanner that reads
+//! them back, and hint files.
+//!
+//! A partition is a directory of append-only segments. The active segment's
+//! newest bytes sit in a buffer (`SegmentBuffer`) whose whole 4 KiB blocks are
+//! cut off into write units and written in order by the segment task. A
+//! partial block is written only after a pad record fills it, so no block
+//! that holds acknowledged data is ever written twice. A segment that reaches
+//! `segment_bytes` is retired: padded, written, fdatasync'ed and marked
+//! sealed, strictly before any byte of the next segment reaches the disk
+//! (so recovery may trust that a later segment implies a complete earlier
+//! one). The maintenance task then writes its hint file.
+
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::path::Path;
+use std::rc::Rc;
+use std::task::Poll;
+use std::time::Duration;
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
+use slab::Slab;
+
+use super::disk::{is_no_space, Disk, DiskBuffer, DiskFile, OpenMode};
+use super::format::{
+    align_up, encode_pad, pad_len, parse_record, HintEntries, HintEntry, HintHeader, RecordError, RecordKind,
+    RecordView, SegmentHeader, SegmentKind, BLOCK_BYTES, FILE_HEADER_BYTES, RECORD_ALIGN_BYTES, RECORD_HEADER_BYTES,
+};
+use super::index::{KeyIndex, Location};
+use super::store::{Inner, Paths};
+use super::{IoOp, Result, StorageError, UnhealthyReason};
+use crate::config::SyncMode;
+
+/// One segment file of a partition.
+pub(crate) struct SegmentState<D: Disk> {
+    pub id: u64,
+    pub kind: SegmentKind,
+    /// None until the first write creates the file.
+    pub file: Option<Rc<D::File>>,
+    /// End of the bytes in use (header, records, pads).
+    pub data_end: u64,
+    /// Bytes of put records the index points at.
+    pub live_bytes: u64,
+    /// Bytes of remove records (kept while older segments may hold the key).
+    pub tombstone_bytes: u64,
+    pub min_lsn: u64,
+    pub max_lsn: u64,
+    /// Completely written and synced; never changes again.
+    pub sealed: bool,
+    /// A hint file covering the whole segment exists.
+    pub hinted: bool,
+}
+
+impl<D: Disk> SegmentState<D> {
+    pub fn new(id: u64, kind: SegmentKind) -> Self {
+        Self {
+            id,
+            kind,
+            file: None,
+            data_end: FILE_HEADER_BYTES as u64,
+            live_bytes: 0,
+            tombstone_bytes: 0,
+            min_lsn: u64::MAX,
+            max_lsn: 0,
+            sealed: false,
+            hinted: false,
+        }
+    }
+
+    /// Fraction of record bytes that nothing refers to.
+    pub fn dead_ratio(&self) -> f64 {
+        let used = self.data_end.saturating_sub(FILE_HEADER_BYTES as u64);
+        if used == 0 {
+            return 0.0;
+        }
+        let kept = self.live_bytes + self.tombstone_bytes;
+        used.saturating_sub(kept) as f64 / used as f64
+    }
+}
+
+/// The in-memory end of an appended segment that is still being written.
+pub(crate) struct SegmentBuffer<D: Disk> {
+    pub slot: u32,
+    /// Where the next record goes.
+    pub write_offset: u64,
+    /// Segment offset of `tail[0]`; a block boundary.
+    pub tail_start: u64,
+    pub tail: Option<D::Buffer>,
+    /// Whole blocks cut from the tail and not yet written, in offset order.
+    pub unwritten: VecDeque<(u64, Rc<D::Buffer>)>,
+    pub last_lsn: u64,
+    /// When the oldest byte not yet handed to the disk was appended.
+    pub dirty_since: Option<Duration>,
+}
+
+impl<D: Disk> SegmentBuffer<D> {
+    /// Lowest segment offset still held in memory.
+    pub fn memory_start(&self) -> u64 {
+        self.unwritten.front().map_or(self.tail_start, |(offset, _)| *offset)
+    }
+
+    fn tail_used(&self) -> usize {
+        (self.write_offset - self.tail_start) as usize
+    }
+
+    /// Copies `len` bytes at segment `offset` (which must be in memory).
+    pub fn copy_out(&self, offset: u64, len: usize, out: &mut Vec<u8>) {
+        assert!(offset >= self.memory_start(), "copy_out below the buffered range");
+        let end = offset + len as u64;
+        let chunks = self
+            .unwritten
+            .iter()
+            .map(|(start, buffer)| (*start, buffer.as_bytes()))
+            .chain(self.tail.iter().map(|t| (self.tail_start, &t.as_bytes()[..self.tail_used()])));
+        for (start, bytes) in chunks {
+            let chunk_end = start + bytes.len() as u64;
+            if chunk_end <= offset || start >= end {
+                continue;
+            }
+            let from = offset.max(start);
+            let to = end.min(chunk_end);
+            out.extend_from_slice(&bytes[(from - start) as usize..(to - start) as usize]);
+        }
+    }
+
+    /// Moves the tail's whole blocks (all of it when `everything`, which
+    /// requires a block-aligned end) to the unwritten queue.
+    fn cut(&mut self, disk: &D, everything: bool) {
+        let used = self.tail_used();
+        let cut = if everything {
+            assert_eq!(used % BLOCK_BYTES, 0, "cut of an unpadded tail");
+            used
+        } else {
+            used / BLOCK_BYTES * BLOCK_BYTES
+        };
+        if cut == 0 {
+            return;
+        }
+        let mut old = self.tail.take().expect("non-empty tail");
+        let rest = used - cut;
+        if rest > 0 {
+            let mut fresh = disk.alloc_buffer(old.len().max(align_up(rest, BLOCK_BYTES)));
+            fresh.as_bytes_mut()[..rest].copy_from_slice(&old.as_bytes()[cut..used]);
+            self.tail = Some(fresh);
+        }
+        old.trim(cut);
+        self.unwritten.push_back((self.tail_start, Rc::new(old)));
+        self.tail_start += cut as u64;
+    }
+
+    /// Makes room for `len` more bytes in the tail.
+    fn reserve(&mut self, disk: &D, write_unit_bytes: usize, len: usize) {
+        let capacity = self.tail.as_ref().map_or(0, |t| t.len());
+        if self.tail_used() + len <= capacity {
+            return;
+        }
+        self.cut(disk, false);
+        let used = self.tail_used();
+        let capacity = self.tail.as_ref().map_or(0, |t| t.len());
+        if used + len <= capacity {
+            return;
+        }
+        let mut fresh = disk.alloc_buffer(write_unit_bytes.max(align_up(used + len, BLOCK_BYTES)));
+        if let Some(old) = &self.tail {
+            fresh.as_bytes_mut()[..used].copy_from_slice(&old.as_bytes()[..used]);
+        }
+        self.tail = Some(fresh);
+    }
+
+    /// Appends `len` bytes written by `fill`; returns the record's offset.
+    fn push(&mut self, disk: &D, write_unit_bytes: usize, len: usize, fill: impl FnOnce(&mut [u8])) -> u64 {
+        self.reserve(disk, write_unit_bytes, len);
+        let at = self.tail_used();
+        let tail = self.tail.as_mut().expect("reserved tail");
+        fill(&mut tail.as_bytes_mut()[at..at + len]);
+        let offset = self.write_offset;
+        self.write_offset += len as u64;
+        offset
+    }
+
+    /// Pads to a block boundary; returns the bytes added.
+    fn pad(&mut self, disk: &D, write_unit_bytes: usize, partition: u32) -> usize {
+        let len = pad_len(self.write_offset);
+        if len > 0 {
+            let lsn = self.last_lsn;
+            self.push(disk, write_unit_bytes, len, |out| encode_pad(out, partition, lsn));
+        }
+        len
+    }
+
+    fn has_unwritten(&self) -> bool {
+        !self.unwritten.is_empty()
+    }
+}
+
+/// What an append did, for the caller's bookkeeping.
+pub(crate) struct AppendOutcome {
+    pub buffered_bytes: usize,
+    /// Whole write units are waiting: the segment task should run.
+    pub needs_flush: bool,
+}
+
+/// One partition replica owned by this shard.
+pub(crate) struct PartitionState<D: Disk> {
+    pub id: u32,
+    pub index: KeyIndex<Location>,
+    pub segments: Slab<SegmentState<D>>,
+    pub active: Option<SegmentBuffer<D>>,
+    /// Retired active segments waiting to be written out and sealed, oldest first.
+    pub sealing: VecDeque<SegmentBuffer<D>>,
+    pub next_segment_id: u64,
+    /// Highest lsn appended.
+    pub max_lsn: u64,
+    /// Every record with lsn <= this is durable in segment files.
+    pub synced_lsn: u64,
+    /// A checkpoint asked for records up to this lsn to be made durable.
+    pub sync_target: u64,
+    pub flushing: bool,
+    pub compacting: bool,
+    pub dir_ready: bool,
+    /// A file was created in the partition directory since its last sync.
+    pub dir_sync_pending: bool,
+}
+
+impl<D: Disk> PartitionState<D> {
+    pub fn new(id: u32) -> Self {
+        Self {
+            id,
+            index: KeyIndex::default(),
+            segments: Slab::new(),
+            active: None,
+            sealing: VecDeque::new(),
+            next_segment_id: 1,
+            max_lsn: 0,
+            synced_lsn: 0,
+            sync_target: 0,
+            flushing: false,
+            compacting: false,
+            dir_ready: false,
+            dir_sync_pending: false,
+        }
+    }
+
+    /// The write buffer of segment `slot`, if it is still being written.
+    pub fn buffer_of(&self, slot: u32) -> Option<&SegmentBuffer<D>> {
+        self.active.iter().chain(self.sealing.iter()).find(|b| b.slot == slot)
+    }
+
+    fn buffer_of_mut(&mut self, slot: u32) -> Option<&mut SegmentBuffer<D>> {
+        self.active.iter_mut().chain(self.sealing.iter_mut()).find(|b| b.slot == slot)
+    }
+
+    /// Starts a new appended segment whose header is the first buffered block.
+    fn start_segment(&mut self, inner: &Inner<D>) -> usize {
+        let id = self.next_segment_id;
+        self.next_segment_id += 1;
+        let slot = self.segments.insert(SegmentState::new(id, SegmentKind::Appended)) as u32;
+        let mut tail = inner.disk.alloc_buffer(inner.config.segment_write_bytes.max(2 * BLOCK_BYTES));
+        let header = SegmentHeader {
+            kind: SegmentKind::Appended,
+            partition: self.id,
+            segment_id: id,
+            partition_count: inner.layout.partition_count,
+            supersedes: Vec::new(),
+        };
+        header.encode(&mut tail.as_bytes_mut()[..FILE_HEADER_BYTES]);
+        self.active = Some(SegmentBuffer {
+            slot,
+            write_offset: FILE_HEADER_BYTES as u64,
+            tail_start: 0,
+            tail: Some(tail),
+            unwritten: VecDeque::new(),
+            last_lsn: 0,
+            dirty_since: Some(inner.disk.now()),
+        });
+        FILE_HEADER_BYTES
+    }
+
+    /// Appends one record (bytes written by `fill`) and updates the index.
+    pub fn append(
+        &mut self,
+        inner: &Inner<D>,
+        kind: RecordKind,
+        lsn: u64,
+        key: &[u8],
+        len: usize,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> AppendOutcome {
+        debug_assert!(lsn > self.max_lsn, "lsn {lsn} after {}", self.max_lsn);
+        let config = &inner.config;
+        let mut buffered = 0;
+        if let Some(active) = &self.active {
+            let full = active.write_offset + len as u64 > config.segment_bytes;
+            if full && active.write_offset > FILE_HEADER_BYTES as u64 {
+                let retired = self.active.take().expect("checked");
+                self.sealing.push_back(retired);
+            }
+        }
+        if self.active.is_none() {
+            buffered += self.start_segment(inner);
+        }
+        let active = self.active.as_mut().expect("started");
+        let offset = active.push(&inner.disk, config.segment_write_bytes, len, fill);
+        // The true value length is in the record header just written (the
+        // record length includes the value's padding).
+        let value_len = {
+            let at = (offset - active.tail_start) as usize;
+            let header = &active.tail.as_ref().expect("just written").as_bytes()[at..at + RECORD_HEADER_BYTES];
+            u32::from_le_bytes(header[8..12].try_into().expect("4 bytes"))
+        };
+        debug_assert_eq!(super::format::record_len(key.len(), value_len as usize), len);
+        active.last_lsn = lsn;
+        active.dirty_since.get_or_insert_with(|| inner.disk.now());
+        let slot = active.slot;
+        let needs_flush = active.has_unwritten() || !self.sealing.is_empty();
+        buffered += len;
+        let segment = &mut self.segments[slot as usize];
+        segment.data_end = offset + len as u64;
+        segment.min_lsn = segment.min_lsn.min(lsn);
+        segment.max_lsn = lsn;
+        self.max_lsn = lsn;
+        let offset = u32::try_from(offset).expect("segment_bytes is validated to fit u32");
+        let previous = match kind {
+            RecordKind::Put => {
+                segment.live_bytes += len as u64;
+                let location = Location { slot, offset, value_len };
+                let previous = self.index.insert(key, location);
+                debug_assert!(self.index.get(key) == Some(location));
+                previous
+            }
+            RecordKind::Remove => {
+                segment.tombstone_bytes += len as u64;
+                self.index.remove(key)
+            }
+            RecordKind::Pad => unreachable!("pads are appended by SegmentBuffer::pad"),
+        };
+        if let Some(old) = previous {
+            let old_len = super::format::record_len(key.len(), old.value_len as usize) as u64;
+            self.segments[old.slot as usize].live_bytes -= old_len;
+        }
+        AppendOutcome { buffered_bytes: buffered, needs_flush }
+    }
+
+    /// Whether the segment task has anything to do here now.
+    fn needs_work(&self, mode: SyncMode, now: Duration, flush_interval: Duration, closing: bool) -> bool {
+        if self.flushing {
+            return false;
+        }
+        if !self.sealing.is_empty() || self.sync_target > self.synced_lsn {
+            return true;
+        }
+        let Some(active) = &self.active else { return false };
+        if active.has_unwritten() {
+            return true;
+        }
+        let buffered = active.write_offset > active.tail_start;
+        buffered
+            && (closing || (mode == SyncMode::None && active.dirty_since.is_some_and(|t| t + flush_interval <= now)))
+    }
+
+    /// When the flush interval of this partition's buffer expires (`none` mode).
+    fn flush_deadline(&self, flush_interval: Duration) -> Option<Duration> {
+        let active = self.active.as_ref()?;
+        (active.write_offset > active.tail_start).then_some(active.dirty_since? + flush_interval)
+    }
+}
+
+/// What the segment task does to a partition's active segment in one job.
+enum ActiveAction {
+    /// Write the whole blocks already cut.
+    WriteCut,
+    /// Pad, write everything, and (with `Some(lsn)`) fdatasync: then every
+    /// record up to `lsn` is durable.
+    WriteAll { sync_lsn: Option<u64> },
+}
+
+/// Events the segment task waits for.
+enum SegmentEvent {
+    JobDone(u32, Result<()>),
+    Work,
+    Timer,
+}
+
+impl<D: Disk> Inner<D> {
+    /// The segment task: runs flush jobs, at most one per partition at a time,
+    /// jobs of different partitions concurrently. Ends after close.
+    pub(crate) async fn segment_loop(&self) {
+        let mut running = FuturesUnordered::new();
+        let flush_interval = Duration::from_millis(self.config.flush_interval_ms);
+        loop {
+            let work = self.segment_work.listen();
+            let now = self.disk.now();
+            let (jobs, deadline) = {
+                let mut st = self.state.borrow_mut();
+                if st.closed && running.is_empty() {
+                    return;
+                }
+                let retry_wait = st.full_retry_at.filter(|at| *at > now);
+                let closing = st.closing;
+                let mut jobs = Vec::new();
+                let mut deadline = retry_wait;
+                for part in st.partitions.values_mut() {
+                    if retry_wait.is_none() && part.needs_work(self.config.sync_mode, now, flush_interval, closing) {
+                        part.flushing = true;
+                        jobs.push(part.id);
+                    } else if self.config.sync_mode == SyncMode::None && !part.flushing {
+                        if let Some(d) = part.flush_deadline(flush_interval) {
+                            deadline = Some(deadline.map_or(d, |x: Duration| x.min(d)));
+                        }
+                    }
+                }
+                (jobs, deadline)
+            };
+            for partition in jobs {
+                running.push(async move { (partition, self.flush_partition(partition).await) });
+            }
+            let mut work = work;
+            let mut timer = deadline.map(|d| Box::pin(self.disk.sleep(d.saturating_sub(now))));
+            let event = poll_fn(|cx| {
+                if let Poll::Ready(Some((p, r))) = running.poll_next_unpin(cx) {
+                    return Poll::Ready(SegmentEvent::JobDone(p, r));
+                }
+                if work.poll_unpin(cx).is_ready() {
+                    return Poll::Ready(SegmentEvent::Work);
+                }
+                if let Some(t) = timer.as_mut() {
+                    if t.poll_unpin(cx).is_ready() {
+                        return Poll::Ready(SegmentEvent::Timer);
+                    }
+                }
+                Poll::Pending
+            })
+            .await;
+            if let SegmentEvent::JobDone(partition, result) = event {
+                if let Some(part) = self.state.borrow_mut().partitions.get_mut(&partition) {
+                    part.flushing = false;
+                }
+                if let Err(error) = result {
+                    tracing::debug!(partition, %error, "segment job failed");
+                }
+                self.flushed.notify();
+            }
+        }
+    }
+
+    /// Creates the partition directory (and makes its name durable) once.
+    async fn ensure_partition_dir(&self, partition: u32) -> Result<()> {
+        let ready = self.state.borrow().partitions.get(&partition).is_some_and(|p| p.dir_ready);
+        if ready {
+            return Ok(());
+        }
+        let dir = self.paths.partition_dir(partition);
+        self.disk.create_dir_all(&dir).await.map_err(|e| StorageError::io(IoOp::CreateDir, &dir, e))?;
+        self.disk
+            .sync_dir(&self.paths.partitions)
+            .await
+            .map_err(|e| StorageError::io(IoOp::SyncDir, &self.paths.partitions, e))?;
+        if let Some(part) = self.state.borrow_mut().partitions.get_mut(&partition) {
+            part.dir_ready = true;
+        }
+        Ok(())
+    }
+
+    /// One flush job: seal retired segments (oldest first), then write (and if
+    /// a checkpoint asks, sync) the active segment.
+    pub(crate) async fn flush_partition(&self, partition: u32) -> Result<()> {
+        self.ensure_partition_dir(partition).await?;
+        loop {
+            let slot = {
+                let mut st = self.state.borrow_mut();
+                let st = &mut *st;
+                let part = st.partitions.get_mut(&partition).expect("flushed partition exists");
+                let Some(retired) = part.sealing.front_mut() else { break };
+                st.buffered_bytes += retired.pad(&self.disk, self.config.segment_write_bytes, partition);
+                retired.cut(&self.disk, true);
+                let (slot, end) = (retired.slot, retired.write_offset);
+                st.partitions.get_mut(&partition).expect("partition").segments[slot as usize].data_end = end;
+                slot
+            };
+            self.write_unwritten(partition, slot).await?;
+            self.sync_segment(partition, slot).await?;
+            let mut st = self.state.borrow_mut();
+            st.stats.segments_sealed += 1;
+            let part = st.partitions.get_mut(&partition).expect("flushed partition exists");
+            let retired = part.sealing.pop_front().expect("sealed the front");
+            assert_eq!(retired.slot, slot);
+            part.segments[slot as usize].sealed = true;
+            part.synced_lsn = part.synced_lsn.max(retired.last_lsn);
+            drop(st);
+            self.maintenance_work.notify();
+        }
+        let now = self.disk.now();
+        let (slot, action) = {
+            let mut st = self.state.borrow_mut();
+            let st = &mut *st;
+            let closing = st.closing;
+            let part = st.partitions.get_mut(&partition).expect("flushed partition exists");
+            let sync = part.sync_target > part.synced_lsn;
+            let Some(active) = part.active.as_mut() else {
+                if sync {
+                    // Everything appended is in sealed segments.
+                    part.synced_lsn = part.max_lsn;
+                }
+                return Ok(());
+            };
+            let interval_due = self.config.sync_mode == SyncMode::None
+                && active.dirty_since.is_some_and(|t| t + Duration::from_millis(self.config.flush_interval_ms) <= now);
+            let action = if sync || closing || interval_due {
+                st.buffered_bytes += active.pad(&self.disk, self.config.segment_write_bytes, partition);
+                active.cut(&self.disk, true);
+                active.dirty_since = None;
+                part.segments[active.slot as usize].data_end = active.write_offset;
+                ActiveAction::WriteAll { sync_lsn: sync.then_some(part.max_lsn) }
+            } else {
+                ActiveAction::WriteCut
+            };
+            (active.slot, action)
+        };
+        self.write_unwritten(partition, slot).await?;
+        if let ActiveAction::WriteAll { sync_lsn: Some(lsn) } = action {
+            self.sync_segment(partition, slot).await?;
+            let mut st = self.state.borrow_mut();
+            let part = st.partitions.get_mut(&partition).expect("flushed partition exists");
+            part.synced_lsn = part.synced_lsn.max(lsn);
+        }
+        Ok(())
+    }
+
+    /// Writes the unwritten blocks of segment `slot` in order, creating the
+    /// file on the first write. On failure the blocks stay queued.
+    async fn write_unwritten(&self, partition: u32, slot: u32) -> Result<()> {
+        loop {
+            let (offset, buffer, file, id) = {
+                let st = self.state.borrow();
+                let part = &st.partitions[&partition];
+                let Some(buffer) = part.buffer_of(slot) else { return Ok(()) };
+                let Some((offset, block)) = buffer.unwritten.front() else { return Ok(()) };
+                let segment = &part.segments[slot as usize];
+                (*offset, block.clone(), segment.file.clone(), segment.id)
+            };
+            let path = self.paths.segment(partition, id);
+            let file = match file {
+                Some(file) => file,
+                None => {
+                    let file = self
+                        .disk
+                        .open(&path, OpenMode::CreateNew)
+                        .await
+                        .map_err(|e| self.write_error(&path, IoOp::Open, e))?;
+                    let file = Rc::new(file);
+                    let mut st = self.state.borrow_mut();
+                    let part = st.partitions.get_mut(&partition).expect("partition");
+                    part.segments[slot as usize].file = Some(file.clone());
+                    part.dir_sync_pending = true;
+                    file
+                }
+            };
+            let len = buffer.len();
+            file.write_at(buffer, offset).await.map_err(|e| self.write_error(&path, IoOp::Write, e))?;
+            let mut st = self.state.borrow_mut();
+            st.buffered_bytes -= len;
+            st.stats.segment_writes += 1;
+            st.stats.segment_bytes_written += len as u64;
+            let part = st.partitions.get_mut(&partition).expect("partition");
+            let written = part.buffer_of_mut(slot).and_then(|b| b.unwritten.pop_front());
+            assert_eq!(written.map(|(o, _)| o), Some(offset), "segment blocks written out of order");
+            drop(st);
+            self.clear_full();
+            self.flushed.notify();
+        }
+    }
+
+    /// Classifies a failed write: ENOSPC is retryable, anything else makes the
+    /// shard unhealthy.
+    fn write_error(&self, path: &Path, op: IoOp, error: std::io::Error) -> StorageError {
+        if is_no_space(&error) {
+            return self.set_full(path);
+        }
+        if op == IoOp::Write {
+            self.set_unhealthy(UnhealthyReason::WriteFailed {
+                path: path.to_owned(),
+                source: std::sync::Arc::new(error),
+            });
+            return self.unhealthy_error();
+        }
+        StorageError::io(op, path, error)
+    }
+
+    /// fdatasync of a segment, then of the directory if a file was created.
+    async fn sync_segment(&self, partition: u32, slot: u32) -> Result<()> {
+        let (file, id) = {
+            let st = self.state.borrow();
+            let segment = &st.partitions[&partition].segments[slot as usize];
+            (segment.file.clone(), segment.id)
+        };
+        let path = self.paths.segment(partition, id);
+        if let Some(file) = file {
+            if let Err(error) = file.fdatasync().await {
+                self.set_unhealthy(UnhealthyReason::FsyncFailed { path, source: std::sync::Arc::new(error) });
+                return Err(self.unhealthy_error());
+            }
+            self.state.borrow_mut().stats.segment_fsyncs += 1;
+        }
+        self.sync_partition_dir(partition).await
+    }
+
+    pub(crate) async fn sync_partition_dir(&self, partition: u32) -> Result<()> {
+        let pending = {
+            let mut st = self.state.borrow_mut();
+            let part = st.partitions.get_mut(&partition).expect("partition");
+            std::mem::take(&mut part.dir_sync_pending)
+        };
+        if pending {
+            let dir = self.paths.partition_dir(partition);
+            if let Err(error) = self.disk.sync_dir(&dir).await {
+                self.set_unhealthy(UnhealthyReason::FsyncFailed { path: dir, source: std::sync::Arc::new(error) });
+                return Err(self.unhealthy_error());
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks the segment task to make records up to each partition's current
+    /// max lsn durable, and waits until it has (or the shard fails).
+    pub(crate) async fn checkpoint_all(&self) -> Result<()> {
+        {
+            let mut st = self.state.borrow_mut();
+            for part in st.partitions.values_mut() {
+                part.sync_target = part.sync_target.max(part.max_lsn);
+            }
+        }
+        self.segment_work.notify();
+        loop {
+            let progress = self.flushed.listen();
+            {
+                let st = self.state.borrow();
+                if st.unhealthy.is_some() {
+                    return Err(self.unhealthy_error());
+                }
+                let done = st.partitions.values().all(|p| p.synced_lsn >= p.sync_target && p.sealing.is_empty());
+                if done {
+                    return Ok(());
+                }
+                if let Some(path) = &st.full {
+                    return Err(StorageError::StorageFull { path: path.clone() });
+                }
+            }
+            progress.await;
+        }
+    }
+}
+
+/// How a scan treats bytes that are not a valid record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ScanMode {
+    /// The valid data ends at the first invalid record (a torn tail), and
+    /// lsns must strictly increase (stale records after a tear are rejected).
+    StopAtInvalid,
+    /// A sealed segment: report an invalid record and search forward (in
+    /// 16-byte steps, where records start) for the next valid one.
+    Resync,
+}
+
+/// What a scan found.
+#[derive(Debug, Default)]
+pub(crate) struct ScanOutcome {
+    /// End of the last valid record (or pad).
+    pub valid_end: u64,
+    pub file_bytes: u64,
+    pub records: u64,
+    /// Invalid records found in `Resync` mode (offset, error); zero bytes
+    /// are not errors.
+    pub errors: Vec<(u64, RecordError)>,
+}
+
+const SCAN_CHUNK_BYTES: usize = 1 << 20;
+
+/// Reads a segment from `start` to its end and calls `visit` for every valid
+/// record (pads included) with its offset and raw bytes.
+pub(crate) async fn scan_file<F: DiskFile>(
+    file: &F,
+    path: &Path,
+    start: u64,
+    mode: ScanMode,
+    mut visit: impl FnMut(u64, &RecordView<'_>, &[u8]),
+) -> Result<ScanOutcome> {
+    let file_bytes = file.size().await.map_err(|e| StorageError::io(IoOp::Stat, path, e))?;
+    let mut outcome = ScanOutcome { valid_end: start, file_bytes, ..ScanOutcome::default() };
+    let mut buf: Vec<u8> = Vec::new();
+    let mut buf_start = start;
+    let mut read_to = start;
+    let mut at = start;
+    let mut last_lsn = 0u64;
+    let mut in_error = false;
+    loop {
+        let rel = (at - buf_start) as usize;
+        let available = &buf[rel.min(buf.len())..];
+        let mut parsed = parse_record(available);
+        // A pad's zero fill up to the block boundary belongs to it; check it
+        // is all there and zero (any other byte there is damage).
+        if let Ok(pad) = &parsed {
+            if pad.kind == RecordKind::Pad {
+                let next = super::format::next_record_offset(at, RecordKind::Pad, pad.len).min(file_bytes);
+                let span = (next - at) as usize;
+                if available.len() < span {
+                    parsed = Err(RecordError::Truncated { needed_bytes: span, available_bytes: available.len() });
+                } else if available[RECORD_HEADER_BYTES..span].iter().any(|&b| b != 0) {
+                    parsed = Err(RecordError::BadHeader);
+                }
+            }
+        }
+        let need_more = match parsed {
+            // Lengths that run past the end of the file are damage, not a
+            // reason to read further.
+            Err(RecordError::Truncated { needed_bytes, .. }) => {
+                read_to < file_bytes && at + needed_bytes as u64 <= file_bytes
+            }
+            _ => false,
+        };
+        if need_more {
+            // Drop consumed bytes, then read the next chunk.
+            buf.drain(..rel.min(buf.len()));
+            buf_start = at;
+            let len = SCAN_CHUNK_BYTES.min((file_bytes - read_to) as usize);
+            let chunk = file.read_at(read_to, len).await.map_err(|e| StorageError::io(IoOp::Read, path, e))?;
+            if chunk.is_empty() {
+                break;
+            }
+            read_to += chunk.len() as u64;
+            buf.extend_from_slice(&chunk);
+            continue;
+        }
+        match parsed {
+            Ok(record) => {
+                let lsn_ok = record.kind == RecordKind::Pad || record.lsn > last_lsn || mode == ScanMode::Resync;
+                if !lsn_ok {
+                    break;
+                }
+                if record.kind != RecordKind::Pad {
+                    last_lsn = record.lsn;
+                    outcome.records += 1;
+                }
+                visit(at, &record, &available[..record.len]);
+                in_error = false;
+                let next = super::format::next_record_offset(at, record.kind, record.len);
+                outcome.valid_end = at + record.len as u64;
+                at = next;
+            }
+            Err(error) => match mode {
+                ScanMode::StopAtInvalid => break,
+                ScanMode::Resync => {
+                    if at >= file_bytes {
+                        break;
+                    }
+                    let zero = matches!(error, RecordError::Unwritten)
+                        || (matches!(error, RecordError::Truncated { .. }) && available.iter().all(|&b| b == 0));
+                    if !zero && !in_error {
+                        outcome.errors.push((at, error));
+                        in_error = true;
+                    }
+                    at += RECORD_ALIGN_BYTES as u64;
+                }
+            },
+        }
+    }
+    Ok(outcome)
+}
+
+/// Encodes a hint file: header block plus entries, padded to a block.
+pub(crate) fn encode_hint<D: Disk>(disk: &D, header: &mut HintHeader, entries: &[u8]) -> D::Buffer {
+    header.entries_len = entries.len() as u64;
+    header.entries_crc = crc32fast::hash(entries);
+    let total = FILE_HEADER_BYTES + align_up(entries.len(), BLOCK_BYTES);
+    let mut buffer = disk.alloc_buffer(total);
+    let bytes = buffer.as_bytes_mut();
+    header.encode(&mut bytes[..FILE_HEADER_BYTES]);
+    bytes[FILE_HEADER_BYTES..FILE_HEADER_BYTES + entries.len()].copy_from_slice(entries);
+    bytes[FILE_HEADER_BYTES + entries.len()..].fill(0);
+    buffer
+}
+
+/// Reads and validates a hint file; None if missing or invalid (the caller
+/// falls back to scanning the segment).
+pub(crate) async fn read_hint<D: Disk>(disk: &D, path: &Path) -> Option<(HintHeader, Vec<u8>)> {
+    let file = disk.open(path, OpenMode::Existing).await.ok()?;
+    let size = file.size().await.ok()?;
+    let bytes = file.read_at(0, size as usize).await.ok()?;
+    let header = match HintHeader::decode(&bytes) {
+        Ok(h) => h,
+        Err(error) => {
+            tracing::warn!(path = %path.display(), %error, "hint file ignored; the segment is scanned instead");
+            return None;
+        }
+    };
+    let end = FILE_HEADER_BYTES.checked_add(usize::try_from(header.entries_len).ok()?)?;
+    if end > bytes.len() || crc32fast::hash(&bytes[FILE_HEADER_BYTES..end]) != header.entries_crc {
+        tracing::warn!(path = %path.display(), "hint file entries damaged; the segment is scanned instead");
+        return None;
+    }
+    if HintEntries::new(&bytes[FILE_HEADER_BYTES..end]).any(|e| e.is_err()) {
+        return None;
+    }
+    Some((header, bytes[FILE_HEADER_BYTES..end].to_vec()))
+}
+
+/// Writes `entries` as the hint file of a segment (temporary name, sync,
+/// rename), replacing any older hint.
+pub(crate) async fn write_hint<D: Disk>(disk: &D, path: &Path, mut header: HintHeader, entries: &[u8]) -> Result<()> {
+    let tmp = Paths::temporary(path);
+    let buffer = encode_hint(disk, &mut header, entries);
+    let _ = disk.remove(&tmp).await;
+    let file = disk.open(&tmp, OpenMode::CreateNew).await.map_err(|e| StorageError::io(IoOp::Open, &tmp, e))?;
+    file.write_at(Rc::new(buffer), 0).await.map_err(|e| StorageError::io(IoOp::Write, &tmp, e))?;
+    file.fdatasync().await.map_err(|e| StorageError::io(IoOp::Sync, &tmp, e))?;
+    disk.rename(&tmp, path).await.map_err(|e| StorageError::io(IoOp::Rename, &tmp, e))?;
+    Ok(())
+}
+
+/// Encodes one hint entry from a scanned record.
+pub(crate) fn push_hint(entries: &mut Vec<u8>, offset: u64, record: &RecordView<'_>) {
+    if record.kind == RecordKind::Pad {
+        return;
+    }
+    HintEntry {
+        kind: record.kind,
+        value_len: record.value.len() as u32,
+        offset: u32::try_from(offset).expect("segment offsets fit u32"),
+        lsn: record.lsn,
+        key: record.key,
+    }
+    .encode(entries);
+}
+
+/// Checks a segment header read from disk, naming the file on refusal.
+pub(crate) fn check_segment_header(
+    bytes: &[u8],
+    path: &Path,
+    partition: u32,
+    partition_count: u32,
+) -> Result<SegmentHeader> {
+    let header =
+        SegmentHeader::decode(bytes).map_err(|error| StorageError::BadFile { path: path.to_owned(), error })?;
+    if header.partition != partition {
+        return Err(StorageError::BadFile {
+            path: path.to_owned(),
+            error: super::format::HeaderError::BadField("segment belongs to another partition"),
+        });
+    }
+    if header.partition_count != partition_count {
+        return Err(StorageError::PartitionCountMismatch {
+            found: header.partition_count,
+            configured: partition_count,
+        });
+    }
+    Ok(header)
+}
