@@ -39,11 +39,14 @@ pub(crate) struct Batch<D: Disk> {
     pub len: usize,
     pub waiters: Vec<usize>,
     pub records: u64,
+    /// Lsn of the first record (a log file switched to for this batch
+    /// starts its incarnation here).
+    pub first_lsn: u64,
 }
 
 impl<D: Disk> Default for Batch<D> {
     fn default() -> Self {
-        Self { buffer: None, len: 0, waiters: Vec::new(), records: 0 }
+        Self { buffer: None, len: 0, waiters: Vec::new(), records: 0, first_lsn: 0 }
     }
 }
 
@@ -54,7 +57,17 @@ impl<D: Disk> Batch<D> {
     }
 
     /// Appends a record written by `fill`; returns its offset in the batch.
-    pub fn append(&mut self, disk: &D, config: &StorageConfig, len: usize, fill: impl FnOnce(&mut [u8])) -> usize {
+    pub fn append(
+        &mut self,
+        disk: &D,
+        config: &StorageConfig,
+        len: usize,
+        lsn: u64,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> usize {
+        if self.records == 0 {
+            self.first_lsn = lsn;
+        }
         let buffer = self.buffer.get_or_insert_with(|| disk.alloc_buffer(config.commit_batch_bytes_max));
         let at = self.len;
         fill(&mut buffer.as_bytes_mut()[at..at + len]);
@@ -210,7 +223,7 @@ impl<D: Disk> Inner<D> {
             return Ok(());
         };
         let padded = buffer.len();
-        self.ensure_log_room(padded as u64).await?;
+        self.ensure_log_room(padded as u64, batch.first_lsn).await?;
         let (file, path, pos) = {
             let mut st = self.state.borrow_mut();
             let st = &mut *st;
@@ -267,7 +280,7 @@ impl<D: Disk> Inner<D> {
     }
 
     /// Switches log files until `len` bytes fit at the write position.
-    async fn ensure_log_room(&self, len: u64) -> Result<()> {
+    async fn ensure_log_room(&self, len: u64, first_lsn: u64) -> Result<()> {
         loop {
             {
                 let st = self.state.borrow();
@@ -276,7 +289,7 @@ impl<D: Disk> Inner<D> {
                     return Ok(());
                 }
             }
-            self.switch_log_file().await?;
+            self.switch_log_file(first_lsn).await?;
         }
     }
 
@@ -287,7 +300,7 @@ impl<D: Disk> Inner<D> {
     /// Retires the active file and makes another one active: a clean one is
     /// reused, else a new one is created (up to the maximum), else the
     /// partitions holding up the oldest one are synced first.
-    async fn switch_log_file(&self) -> Result<()> {
+    async fn switch_log_file(&self, first_lsn: u64) -> Result<()> {
         loop {
             let progress = self.flushed.listen();
             let choice = {
@@ -327,7 +340,6 @@ impl<D: Disk> Inner<D> {
                 st.log = Some(log);
                 choice
             };
-            let first_lsn = self.state.borrow().next_lsn;
             match choice {
                 SwitchChoice::Reuse(i) => {
                     let (file, path) = {
@@ -336,6 +348,14 @@ impl<D: Disk> Inner<D> {
                         (f.file.clone(), f.path.clone())
                     };
                     self.write_log_header(&file, &path, first_lsn).await?;
+                    // The new header must be durable before any record of the
+                    // new incarnation: replay orders files by their headers,
+                    // and a new record under the old header would sort before
+                    // the other files' records and hide them.
+                    if let Err(error) = file.fdatasync().await {
+                        self.set_unhealthy(UnhealthyReason::FsyncFailed { path, source: std::sync::Arc::new(error) });
+                        return Err(self.unhealthy_error());
+                    }
                     self.activate_log_file(i, first_lsn);
                     return Ok(());
                 }

@@ -78,7 +78,7 @@ impl<D: Disk> Inner<D> {
                 let compaction_job = st
                     .partitions
                     .values()
-                    .find(|p| !p.compacting && p.segments.iter().any(|(_, s)| s.sealed && s.dead_ratio() >= threshold))
+                    .find(|p| !p.compacting && p.segments.iter().any(|(_, s)| s.compactable(threshold)))
                     .map(|p| p.id);
                 (hint_job, compaction_job)
             };
@@ -128,7 +128,7 @@ impl<D: Disk> Inner<D> {
             let mut candidates: Vec<(u64, u32)> = part
                 .segments
                 .iter()
-                .filter(|(_, s)| s.sealed && s.file.is_some() && s.dead_ratio() >= threshold)
+                .filter(|(_, s)| s.compactable(threshold))
                 .map(|(slot, s)| (s.id, slot as u32))
                 .collect();
             candidates.sort_unstable();
@@ -157,6 +157,13 @@ impl<D: Disk> Inner<D> {
             (inputs, output_id, lowest_lsn_elsewhere)
         };
         let _guard = CompactingGuard { inner: self, partition };
+        // Outside group mode an acknowledged write may not be durable yet; a
+        // record it supersedes must outlive it on disk. A checkpoint first
+        // makes nearly every key's current state durable.
+        let group = self.config.sync_mode == crate::config::SyncMode::Group;
+        if !group {
+            self.sync_partition(partition).await?;
+        }
         // 2. Scan inputs and keep what must survive.
         let mut out: Vec<u8> = Vec::new();
         let mut hints: Vec<u8> = Vec::new();
@@ -176,12 +183,24 @@ impl<D: Disk> Inner<D> {
                 scan_file(&*file, &path, FILE_HEADER_BYTES as u64, ScanMode::Resync, |offset, record, raw| {
                     let st = self.state.borrow();
                     let index = &st.partitions[&partition].index;
+                    let part = &st.partitions[&partition];
+                    let current = index.get(record.key);
+                    // Settled: the key's current state (its newest put, or its
+                    // removal) is durable, so older records can go. In group
+                    // mode the commit log makes every applied write durable.
+                    let settled = group
+                        || match current {
+                            Some(location) => part.is_durable(location),
+                            None => part.last_remove_lsn <= part.synced_lsn,
+                        };
                     let keep = match record.kind {
                         RecordKind::Put => {
                             let here = Location { slot, offset: offset as u32, value_len: record.value.len() as u32 };
-                            index.get(record.key) == Some(here)
+                            current == Some(here) || !settled
                         }
-                        RecordKind::Remove => index.get(record.key).is_none() && lowest_lsn_elsewhere < record.lsn,
+                        // A tombstone must stay while an older record outside
+                        // the inputs could resurrect the key.
+                        RecordKind::Remove => !settled || (current.is_none() && lowest_lsn_elsewhere < record.lsn),
                         RecordKind::Pad => false,
                     };
                     if !keep {
@@ -317,6 +336,21 @@ impl<D: Disk> Inner<D> {
             }
         }
         self.disk.sync_dir(&dir).await.map_err(|e| StorageError::io(IoOp::SyncDir, &dir, e))?;
+        if kept.is_empty() {
+            // An output with no records only made the inputs' removal
+            // atomic; with the inputs gone it has no job left.
+            self.state
+                .borrow_mut()
+                .partitions
+                .get_mut(&partition)
+                .expect("partition")
+                .segments
+                .remove(output_slot as usize);
+            for p in [self.paths.segment(partition, output_id), self.paths.hint(partition, output_id)] {
+                self.disk.remove(&p).await.map_err(|e| StorageError::io(IoOp::Remove, &p, e))?;
+            }
+            self.disk.sync_dir(&dir).await.map_err(|e| StorageError::io(IoOp::SyncDir, &dir, e))?;
+        }
         let mut st = self.state.borrow_mut();
         st.stats.compactions += 1;
         st.stats.compaction_bytes_reclaimed += reclaimed;

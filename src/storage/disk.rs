@@ -79,7 +79,8 @@ pub trait Disk: Clone + 'static {
 
 /// Whether an I/O error means "out of space" (retryable once space is back).
 pub fn is_no_space(error: &io::Error) -> bool {
-    error.raw_os_error() == Some(libc::ENOSPC) || error.raw_os_error() == Some(libc::EDQUOT)
+    matches!(error.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+        || matches!(error.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded)
 }
 
 /// Joins a directory and a file name; kept here so every path the engine

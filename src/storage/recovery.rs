@@ -25,7 +25,8 @@ use std::rc::Rc;
 use super::commit_log::{parse_log_file_name, read_log_header, replay_log_file, CommitLog, LogFile};
 use super::disk::{Disk, DiskBuffer, DiskFile, OpenMode};
 use super::format::{
-    align_down_u64, align_up_u64, record_len, HintEntries, HintHeader, RecordKind, BLOCK_BYTES, FILE_HEADER_BYTES,
+    align_down_u64, align_up_u64, record_len, HintEntries, HintHeader, RecordKind, SegmentHeader, SegmentKind,
+    BLOCK_BYTES, FILE_HEADER_BYTES,
 };
 use super::index::{KeyIndex, Location};
 use super::segment::{
@@ -143,23 +144,40 @@ impl<D: Disk> Inner<D> {
         segment_ids.sort_unstable();
         // Open every segment and read its header.
         let mut segments = BTreeMap::new();
-        let newest = segment_ids.last().copied();
         for id in &segment_ids {
             let path = self.paths.segment(partition, *id);
             let file =
                 self.disk.open(&path, OpenMode::Existing).await.map_err(|e| StorageError::io(IoOp::Open, &path, e))?;
             let head = file.read_at(0, FILE_HEADER_BYTES).await.map_err(|e| StorageError::io(IoOp::Read, &path, e))?;
-            if Some(*id) == newest && head.iter().all(|&b| b == 0) {
-                // The newest segment's first write never reached the disk:
-                // it holds nothing (its records, if acknowledged, are in the
-                // commit log).
-                tracing::warn!(path = %path.display(), "empty newest segment removed");
-                drop(file);
-                self.disk.remove(&path).await.map_err(|e| StorageError::io(IoOp::Remove, &path, e))?;
-                removed = true;
-                continue;
-            }
-            let header = check_segment_header(&head, &path, partition, self.layout.partition_count)?;
+            let expected = SegmentHeader {
+                kind: SegmentKind::Appended,
+                partition,
+                segment_id: *id,
+                partition_count: self.layout.partition_count,
+                supersedes: Vec::new(),
+            };
+            let header = if is_torn_copy(&head, &expected) {
+                // The first write of an appended segment (its header block)
+                // was torn: every sector is either missing or exactly the
+                // header this file must have. Compaction outputs are renamed
+                // into place only when complete, so it cannot be one of those.
+                let size = file.size().await.map_err(|e| StorageError::io(IoOp::Stat, &path, e))?;
+                if size <= FILE_HEADER_BYTES as u64 {
+                    tracing::warn!(path = %path.display(), "segment whose first write never landed removed");
+                    drop(file);
+                    self.disk.remove(&path).await.map_err(|e| StorageError::io(IoOp::Remove, &path, e))?;
+                    removed = true;
+                    continue;
+                }
+                tracing::warn!(path = %path.display(), "segment header block torn by a crash; rewritten");
+                let mut block = self.disk.alloc_buffer(FILE_HEADER_BYTES);
+                expected.encode(block.as_bytes_mut());
+                file.write_at(Rc::new(block), 0).await.map_err(|e| StorageError::io(IoOp::Write, &path, e))?;
+                file.fdatasync().await.map_err(|e| StorageError::io(IoOp::Sync, &path, e))?;
+                expected
+            } else {
+                check_segment_header(&head, &path, partition, self.layout.partition_count)?
+            };
             if header.segment_id != *id {
                 return Err(StorageError::BadFile {
                     path,
@@ -183,8 +201,12 @@ impl<D: Disk> Inner<D> {
         }
         for id in hint_ids.iter().filter(|id| !segments.contains_key(id)) {
             let path = self.paths.hint(partition, *id);
-            self.disk.remove(&path).await.map_err(|e| StorageError::io(IoOp::Remove, &path, e))?;
-            removed = true;
+            match self.disk.remove(&path).await {
+                Ok(()) => removed = true,
+                // Already removed with the segment it described.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StorageError::io(IoOp::Remove, &path, e)),
+            }
         }
         if removed {
             self.disk.sync_dir(&dir).await.map_err(|e| StorageError::io(IoOp::SyncDir, &dir, e))?;
@@ -240,6 +262,17 @@ impl<D: Disk> Inner<D> {
                 corrupt += outcome.errors.len() as u64;
                 state.data_end = outcome.valid_end.max(start);
             }
+            tracing::debug!(
+                partition,
+                segment = id,
+                kind = ?header.kind,
+                hinted = state.hinted,
+                active = is_active,
+                data_end = state.data_end,
+                min_lsn = state.min_lsn,
+                max_lsn = state.max_lsn,
+                "segment loaded"
+            );
             state.tombstone_bytes = tombstones;
             state.file = Some(file.clone());
             if is_active {
@@ -283,6 +316,8 @@ impl<D: Disk> Inner<D> {
                 tail: Some(tail),
                 unwritten: Default::default(),
                 last_lsn,
+                // Made durable by the checkpoint that ends recovery.
+                synced_offset: valid_end,
                 dirty_since: None,
             });
             // The active segment's bytes were written but maybe not synced.
@@ -371,6 +406,7 @@ impl<D: Disk> Inner<D> {
                 });
             })
             .await?;
+            tracing::debug!(file = %path.display(), first_lsn = ?first_lsn, records = pending.len(), "commit log replayed");
             if let Some(partition) = foreign {
                 tracing::error!(partition, path = %path.display(), "commit log holds records of a partition this shard does not own");
                 return Err(StorageError::ShardCountChanged { found: 0, configured: self.layout.shard_count });
@@ -522,12 +558,24 @@ impl<D: Disk> Inner<D> {
 
     async fn close_durably(&self) -> Result<()> {
         self.checkpoint_all().await?;
-        let actives: Vec<(u32, u32)> = {
+        // Hints for every segment still lacking one, so that the next open
+        // reads no segment data: sealed ones (the maintenance task may not
+        // have reached them) and, covering what they hold now, active ones.
+        let unhinted: Vec<(u32, u32, bool)> = {
             let st = self.state.borrow();
-            st.partitions.values().filter_map(|p| p.active.as_ref().map(|a| (p.id, a.slot))).collect()
+            st.partitions
+                .values()
+                .flat_map(|p| {
+                    let active = p.active.as_ref().map(|a| a.slot);
+                    p.segments
+                        .iter()
+                        .filter(|(_, s)| !s.hinted && s.file.is_some())
+                        .map(move |(slot, _)| (p.id, slot as u32, Some(slot as u32) != active))
+                })
+                .collect()
         };
-        for (partition, slot) in actives {
-            self.write_segment_hint(partition, slot, false).await?;
+        for (partition, slot, sealed) in unhinted {
+            self.write_segment_hint(partition, slot, sealed).await?;
         }
         if self.state.borrow().unhealthy.is_some() {
             return Err(self.unhealthy_error());
@@ -578,6 +626,8 @@ impl<D: Disk> Inner<D> {
             max_lsn,
         };
         write_hint(&self.disk, &self.paths.hint(partition, id), header, &entries).await?;
+        let dir = self.paths.partition_dir(partition);
+        self.disk.sync_dir(&dir).await.map_err(|e| StorageError::io(IoOp::SyncDir, &dir, e))?;
         if sealed {
             if let Some(segment) =
                 self.state.borrow_mut().partitions.get_mut(&partition).and_then(|p| p.segments.get_mut(slot as usize))
@@ -587,6 +637,23 @@ impl<D: Disk> Inner<D> {
         }
         Ok(())
     }
+}
+
+/// Whether `on_disk` is what a torn write of `expected`'s header block can
+/// leave: each 512-byte sector either absent/zero or exactly as intended.
+/// (A whole valid header is not "torn"; it is simply the header.)
+fn is_torn_copy(on_disk: &[u8], expected: &SegmentHeader) -> bool {
+    const SECTOR_BYTES: usize = 512;
+    let mut block = vec![0u8; FILE_HEADER_BYTES];
+    expected.encode(&mut block);
+    if on_disk.len() >= FILE_HEADER_BYTES && on_disk[..FILE_HEADER_BYTES] == block[..] {
+        return false;
+    }
+    block.chunks(SECTOR_BYTES).enumerate().all(|(i, want)| {
+        let start = i * SECTOR_BYTES;
+        let have = on_disk.get(start..(start + SECTOR_BYTES).min(on_disk.len())).unwrap_or(&[]);
+        have.is_empty() || have == &want[..have.len()] || have.iter().all(|&b| b == 0)
+    })
 }
 
 /// Shared by tests: whether a path names a segment file.

@@ -78,6 +78,16 @@ impl<D: Disk> SegmentState<D> {
         let kept = self.live_bytes + self.tombstone_bytes;
         used.saturating_sub(kept) as f64 / used as f64
     }
+
+    /// Whether compacting this sealed segment is worth it: enough of it is
+    /// dead, and rewriting the rest would free at least one block (a small
+    /// output's final pad would otherwise count as dead forever and be
+    /// compacted again and again).
+    pub fn compactable(&self, dead_ratio_min: f64) -> bool {
+        let used = self.data_end.saturating_sub(FILE_HEADER_BYTES as u64);
+        let kept = align_up((self.live_bytes + self.tombstone_bytes) as usize, BLOCK_BYTES) as u64;
+        self.sealed && self.file.is_some() && self.dead_ratio() >= dead_ratio_min && used >= kept + BLOCK_BYTES as u64
+    }
 }
 
 /// The in-memory end of an appended segment that is still being written.
@@ -91,6 +101,8 @@ pub(crate) struct SegmentBuffer<D: Disk> {
     /// Whole blocks cut from the tail and not yet written, in offset order.
     pub unwritten: VecDeque<(u64, Rc<D::Buffer>)>,
     pub last_lsn: u64,
+    /// Bytes below this offset are durable (fdatasync'ed).
+    pub synced_offset: u64,
     /// When the oldest byte not yet handed to the disk was appended.
     pub dirty_since: Option<Duration>,
 }
@@ -215,6 +227,8 @@ pub(crate) struct PartitionState<D: Disk> {
     pub max_lsn: u64,
     /// Every record with lsn <= this is durable in segment files.
     pub synced_lsn: u64,
+    /// Lsn of the newest remove record (a removal is durable once synced).
+    pub last_remove_lsn: u64,
     /// A checkpoint asked for records up to this lsn to be made durable.
     pub sync_target: u64,
     pub flushing: bool,
@@ -235,11 +249,20 @@ impl<D: Disk> PartitionState<D> {
             next_segment_id: 1,
             max_lsn: 0,
             synced_lsn: 0,
+            last_remove_lsn: 0,
             sync_target: 0,
             flushing: false,
             compacting: false,
             dir_ready: false,
             dir_sync_pending: false,
+        }
+    }
+
+    /// Whether the record at `location` is durable in its segment file.
+    pub fn is_durable(&self, location: Location) -> bool {
+        match self.buffer_of(location.slot) {
+            Some(buffer) => u64::from(location.offset) < buffer.synced_offset,
+            None => self.segments.get(location.slot as usize).is_some_and(|s| s.sealed),
         }
     }
 
@@ -273,6 +296,7 @@ impl<D: Disk> PartitionState<D> {
             tail: Some(tail),
             unwritten: VecDeque::new(),
             last_lsn: 0,
+            synced_offset: 0,
             dirty_since: Some(inner.disk.now()),
         });
         FILE_HEADER_BYTES
@@ -331,6 +355,7 @@ impl<D: Disk> PartitionState<D> {
                 previous
             }
             RecordKind::Remove => {
+                self.last_remove_lsn = lsn;
                 segment.tombstone_bytes += len as u64;
                 self.index.remove(key)
             }
@@ -371,9 +396,9 @@ impl<D: Disk> PartitionState<D> {
 enum ActiveAction {
     /// Write the whole blocks already cut.
     WriteCut,
-    /// Pad, write everything, and (with `Some(lsn)`) fdatasync: then every
-    /// record up to `lsn` is durable.
-    WriteAll { sync_lsn: Option<u64> },
+    /// Pad, write everything, and (with `Some((lsn, offset))`) fdatasync:
+    /// then every record up to `lsn`, and every byte below `offset`, is durable.
+    WriteAll { sync_lsn: Option<(u64, u64)> },
 }
 
 /// Events the segment task waits for.
@@ -397,15 +422,25 @@ impl<D: Disk> Inner<D> {
                 if st.closed && running.is_empty() {
                     return;
                 }
+                // An unhealthy shard writes nothing more; a full one waits
+                // for its retry time.
                 let retry_wait = st.full_retry_at.filter(|at| *at > now);
+                let healthy = st.unhealthy.is_none();
                 let closing = st.closing;
                 let mut jobs = Vec::new();
                 let mut deadline = retry_wait;
                 for part in st.partitions.values_mut() {
-                    if retry_wait.is_none() && part.needs_work(self.config.sync_mode, now, flush_interval, closing) {
+                    if healthy
+                        && retry_wait.is_none()
+                        && part.needs_work(self.config.sync_mode, now, flush_interval, closing)
+                    {
                         part.flushing = true;
                         jobs.push(part.id);
-                    } else if self.config.sync_mode == SyncMode::None && !part.flushing {
+                    } else if healthy
+                        && retry_wait.is_none()
+                        && self.config.sync_mode == SyncMode::None
+                        && !part.flushing
+                    {
                         if let Some(d) = part.flush_deadline(flush_interval) {
                             deadline = Some(deadline.map_or(d, |x: Duration| x.min(d)));
                         }
@@ -433,12 +468,20 @@ impl<D: Disk> Inner<D> {
                 Poll::Pending
             })
             .await;
+            // Let foreground tasks run between rounds of jobs.
+            super::sync::yield_now().await;
             if let SegmentEvent::JobDone(partition, result) = event {
                 if let Some(part) = self.state.borrow_mut().partitions.get_mut(&partition) {
                     part.flushing = false;
                 }
-                if let Err(error) = result {
-                    tracing::debug!(partition, %error, "segment job failed");
+                match result {
+                    Ok(()) | Err(StorageError::StorageFull { .. }) | Err(StorageError::Unhealthy { .. }) => {}
+                    // A job that failed any other way would be retried at
+                    // once, forever: stop writing instead.
+                    Err(error) => self.set_unhealthy(UnhealthyReason::WriteFailed {
+                        path: self.paths.partition_dir(partition),
+                        source: std::sync::Arc::new(std::io::Error::other(error.to_string())),
+                    }),
                 }
                 self.flushed.notify();
             }
@@ -452,11 +495,8 @@ impl<D: Disk> Inner<D> {
             return Ok(());
         }
         let dir = self.paths.partition_dir(partition);
-        self.disk.create_dir_all(&dir).await.map_err(|e| StorageError::io(IoOp::CreateDir, &dir, e))?;
-        self.disk
-            .sync_dir(&self.paths.partitions)
-            .await
-            .map_err(|e| StorageError::io(IoOp::SyncDir, &self.paths.partitions, e))?;
+        self.disk.create_dir_all(&dir).await.map_err(|e| self.write_error(&dir, e))?;
+        self.disk.sync_dir(&self.paths.partitions).await.map_err(|e| self.write_error(&self.paths.partitions, e))?;
         if let Some(part) = self.state.borrow_mut().partitions.get_mut(&partition) {
             part.dir_ready = true;
         }
@@ -512,18 +552,21 @@ impl<D: Disk> Inner<D> {
                 active.cut(&self.disk, true);
                 active.dirty_since = None;
                 part.segments[active.slot as usize].data_end = active.write_offset;
-                ActiveAction::WriteAll { sync_lsn: sync.then_some(part.max_lsn) }
+                ActiveAction::WriteAll { sync_lsn: sync.then_some((part.max_lsn, active.write_offset)) }
             } else {
                 ActiveAction::WriteCut
             };
             (active.slot, action)
         };
         self.write_unwritten(partition, slot).await?;
-        if let ActiveAction::WriteAll { sync_lsn: Some(lsn) } = action {
+        if let ActiveAction::WriteAll { sync_lsn: Some((lsn, offset)) } = action {
             self.sync_segment(partition, slot).await?;
             let mut st = self.state.borrow_mut();
             let part = st.partitions.get_mut(&partition).expect("flushed partition exists");
             part.synced_lsn = part.synced_lsn.max(lsn);
+            if let Some(buffer) = part.buffer_of_mut(slot) {
+                buffer.synced_offset = buffer.synced_offset.max(offset);
+            }
         }
         Ok(())
     }
@@ -544,11 +587,8 @@ impl<D: Disk> Inner<D> {
             let file = match file {
                 Some(file) => file,
                 None => {
-                    let file = self
-                        .disk
-                        .open(&path, OpenMode::CreateNew)
-                        .await
-                        .map_err(|e| self.write_error(&path, IoOp::Open, e))?;
+                    let file =
+                        self.disk.open(&path, OpenMode::CreateNew).await.map_err(|e| self.write_error(&path, e))?;
                     let file = Rc::new(file);
                     let mut st = self.state.borrow_mut();
                     let part = st.partitions.get_mut(&partition).expect("partition");
@@ -558,7 +598,7 @@ impl<D: Disk> Inner<D> {
                 }
             };
             let len = buffer.len();
-            file.write_at(buffer, offset).await.map_err(|e| self.write_error(&path, IoOp::Write, e))?;
+            file.write_at(buffer, offset).await.map_err(|e| self.write_error(&path, e))?;
             let mut st = self.state.borrow_mut();
             st.buffered_bytes -= len;
             st.stats.segment_writes += 1;
@@ -574,18 +614,15 @@ impl<D: Disk> Inner<D> {
 
     /// Classifies a failed write: ENOSPC is retryable, anything else makes the
     /// shard unhealthy.
-    fn write_error(&self, path: &Path, op: IoOp, error: std::io::Error) -> StorageError {
+    fn write_error(&self, path: &Path, error: std::io::Error) -> StorageError {
         if is_no_space(&error) {
             return self.set_full(path);
         }
-        if op == IoOp::Write {
-            self.set_unhealthy(UnhealthyReason::WriteFailed {
-                path: path.to_owned(),
-                source: std::sync::Arc::new(error),
-            });
-            return self.unhealthy_error();
-        }
-        StorageError::io(op, path, error)
+        // Any other failure to create or write a segment (EIO, EMFILE, ...)
+        // leaves data that cannot reach the disk; retrying in a loop would
+        // not help, and acknowledging further writes would be a lie.
+        self.set_unhealthy(UnhealthyReason::WriteFailed { path: path.to_owned(), source: std::sync::Arc::new(error) });
+        self.unhealthy_error()
     }
 
     /// fdatasync of a segment, then of the directory if a file was created.
@@ -625,12 +662,31 @@ impl<D: Disk> Inner<D> {
     /// Asks the segment task to make records up to each partition's current
     /// max lsn durable, and waits until it has (or the shard fails).
     pub(crate) async fn checkpoint_all(&self) -> Result<()> {
-        {
+        let targets: Vec<(u32, u64)> = {
             let mut st = self.state.borrow_mut();
-            for part in st.partitions.values_mut() {
-                part.sync_target = part.sync_target.max(part.max_lsn);
-            }
-        }
+            st.partitions
+                .values_mut()
+                .map(|part| {
+                    part.sync_target = part.sync_target.max(part.max_lsn);
+                    (part.id, part.max_lsn)
+                })
+                .collect()
+        };
+        self.wait_synced(&targets).await
+    }
+
+    /// Makes every record of one partition so far durable in its segments.
+    pub(crate) async fn sync_partition(&self, partition: u32) -> Result<()> {
+        let target = {
+            let mut st = self.state.borrow_mut();
+            let Some(part) = st.partitions.get_mut(&partition) else { return Ok(()) };
+            part.sync_target = part.sync_target.max(part.max_lsn);
+            part.max_lsn
+        };
+        self.wait_synced(&[(partition, target)]).await
+    }
+
+    async fn wait_synced(&self, targets: &[(u32, u64)]) -> Result<()> {
         self.segment_work.notify();
         loop {
             let progress = self.flushed.listen();
@@ -639,7 +695,9 @@ impl<D: Disk> Inner<D> {
                 if st.unhealthy.is_some() {
                     return Err(self.unhealthy_error());
                 }
-                let done = st.partitions.values().all(|p| p.synced_lsn >= p.sync_target && p.sealing.is_empty());
+                let done = targets.iter().all(|(p, lsn)| {
+                    st.partitions.get(p).is_none_or(|part| part.synced_lsn >= *lsn && part.sealing.is_empty())
+                });
                 if done {
                     return Ok(());
                 }
@@ -745,7 +803,9 @@ pub(crate) async fn scan_file<F: DiskFile>(
                 visit(at, &record, &available[..record.len]);
                 in_error = false;
                 let next = super::format::next_record_offset(at, record.kind, record.len);
-                outcome.valid_end = at + record.len as u64;
+                // A pad owns everything up to its block boundary (even past a
+                // shorter file's end): nothing may be appended inside it.
+                outcome.valid_end = next;
                 at = next;
             }
             Err(error) => match mode {

@@ -149,6 +149,11 @@ impl SimDisk {
         s.crash_at_op = Some(s.ops + n);
     }
 
+    /// Cancels a crash planned with `crash_after_ops` that has not happened.
+    pub fn cancel_crash(&self) {
+        self.state.borrow_mut().crash_at_op = None;
+    }
+
     pub fn crash_now(&self) {
         self.state.borrow_mut().crashed = true;
     }
@@ -532,6 +537,7 @@ pub struct SimExecutor {
     disk: SimDisk,
     ready: Arc<Mutex<VecDeque<usize>>>,
     tasks: Rc<RefCell<slab::Slab<Option<LocalTask>>>>,
+    wakers: RefCell<BTreeMap<usize, Waker>>,
 }
 
 /// Spawns tasks onto a `SimExecutor` from inside other tasks.
@@ -550,7 +556,7 @@ impl SimSpawner {
 
 impl SimExecutor {
     pub fn new(disk: SimDisk) -> Self {
-        Self { disk, ready: Arc::default(), tasks: Rc::default() }
+        Self { disk, ready: Arc::default(), tasks: Rc::default(), wakers: RefCell::default() }
     }
 
     pub fn spawner(&self) -> SimSpawner {
@@ -594,10 +600,18 @@ impl SimExecutor {
         };
         // A task already running (woken while polled) or finished is skipped.
         let Some(mut task) = task else { return };
-        let waker = Waker::from(Arc::new(TaskWaker { id, ready: self.ready.clone() }));
+        // One waker per task id, as real executors do (wakers compare equal
+        // across polls).
+        let waker = self
+            .wakers
+            .borrow_mut()
+            .entry(id)
+            .or_insert_with(|| Waker::from(Arc::new(TaskWaker { id, ready: self.ready.clone() })))
+            .clone();
         match task.as_mut().poll(&mut Context::from_waker(&waker)) {
             Poll::Ready(()) => {
                 self.tasks.borrow_mut().remove(id);
+                self.wakers.borrow_mut().remove(&id);
             }
             Poll::Pending => {
                 if let Some(slot) = self.tasks.borrow_mut().get_mut(id) {

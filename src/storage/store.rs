@@ -372,7 +372,7 @@ impl<D: Disk> Inner<D> {
             return Ok(WriteStep::WaitForBatch);
         }
         let lsn = st.take_lsn();
-        let at = st.batch.append(&self.disk, &self.config, len, |out| encode(out, lsn));
+        let at = st.batch.append(&self.disk, &self.config, len, lsn, |out| encode(out, lsn));
         count_write(&mut st, kind);
         let step = if self.config.sync_mode == SyncMode::Interval {
             let State { batch, partitions, buffered_bytes, .. } = &mut *st;
