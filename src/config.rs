@@ -79,6 +79,19 @@ impl Default for StorageConfig {
     }
 }
 
+/// The whole configuration file (`tuning/default.toml` documents it).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub storage: StorageConfig,
+}
+
+impl Config {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.storage.validate()
+    }
+}
+
 /// A configuration that cannot work, with the knob and the reason.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("invalid configuration: {knob}: {reason}")]
@@ -161,6 +174,18 @@ impl StorageConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tuning_default_toml_is_exactly_the_built_in_defaults() {
+        let documented: Config = toml::from_str(include_str!("../tuning/default.toml")).unwrap();
+        assert_eq!(documented, Config::default());
+    }
+
+    #[test]
+    fn unknown_knobs_are_refused() {
+        let err = toml::from_str::<Config>("[storage]\nsync_mode = \"group\"\nflush_ms = 3\n").unwrap_err();
+        assert!(err.to_string().contains("flush_ms"), "{err}");
+    }
 
     #[test]
     fn defaults_are_valid() {

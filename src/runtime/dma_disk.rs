@@ -3,6 +3,7 @@
 //! are rare metadata operations done with std::fs.
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -74,7 +75,20 @@ impl DiskFile for DmaFile {
     }
 
     async fn size(&self) -> io::Result<u64> {
-        self.0.file_size().await.map_err(into_io)
+        // glommio's file_size() stats the file by its path, which fails once
+        // the file is renamed or unlinked (compaction does both while reads
+        // still hold the file); fstat of the descriptor does not. It is a
+        // metadata call that does no I/O.
+        let mut stat = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: the descriptor is open for the lifetime of self, and fstat
+        // fully initialises `stat` when it returns 0.
+        let rc = unsafe { libc::fstat(self.0.as_raw_fd(), stat.as_mut_ptr()) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: initialised by the successful fstat above.
+        let size = unsafe { stat.assume_init() }.st_size;
+        u64::try_from(size).map_err(|_| io::Error::other("negative file size"))
     }
 
     async fn truncate(&self, len: u64) -> io::Result<()> {

@@ -1,0 +1,114 @@
+//! The model suite on the real disk: glommio DMA files under target/ (not
+//! tmpfs, where O_DIRECT is silently off). Each cycle runs in its own
+//! executor; a cycle ends with `close`, or by dropping the executor with
+//! the store open (the process dies: buffers are lost, nothing is synced),
+//! and the next cycle reopens and checks every key against the model.
+
+mod common;
+
+use std::cell::RefCell;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use common::{assert_verified, check_for, run_workload, tiny_config, verify_and_rebase, Model, Workload};
+use glommio::{LocalExecutorBuilder, Placement};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use ringkv::config::{StorageConfig, SyncMode};
+use ringkv::runtime::{spawn_detached, DmaDisk};
+use ringkv::storage::data_dir::DataDir;
+use ringkv::storage::{ShardLayout, ShardStore};
+
+const LAYOUT: ShardLayout = ShardLayout { shard: 0, shard_count: 1, partition_count: 4 };
+
+fn scratch_dir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("real-disk-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir under target/")
+}
+
+/// Runs `f` on a fresh glommio executor thread and returns its result.
+fn on_executor<T: Send + 'static>(f: impl FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = T>>> + Send + 'static) -> T {
+    LocalExecutorBuilder::new(Placement::Unbound)
+        .io_memory(1 << 20)
+        .spawn(move || f())
+        .expect("executor starts")
+        .join()
+        .expect("executor thread")
+}
+
+/// Model state crossing executor threads (each cycle runs on its own).
+struct Carried {
+    model: Model,
+    closed_cleanly: bool,
+}
+
+fn run_real_sequence(seed: u64, mode: SyncMode, config: StorageConfig, cycles: usize) {
+    let dir = scratch_dir();
+    let root: PathBuf = dir.path().to_owned();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let carried = std::sync::Arc::new(std::sync::Mutex::new(Some(Carried { model: Model::default(), closed_cleanly: true })));
+    for cycle in 0..=cycles {
+        let last = cycle == cycles;
+        let close_at_end = last || rng.gen_bool(0.5);
+        let workload = Workload {
+            writers: rng.gen_range(1..=6),
+            ops_per_writer: if last { 0 } else { rng.gen_range(20..=120) },
+            keys_per_writer: rng.gen_range(1..=20),
+            partitions: LAYOUT.partition_count,
+            value_bytes_max: if rng.gen_bool(0.3) { config.value_bytes_max } else { 64 },
+        };
+        let workload_seed: u64 = rng.gen();
+        let context = format!("real disk seed {seed} {mode:?} cycle {cycle}");
+        let data_dir = DataDir::open(&root, LAYOUT.shard_count, LAYOUT.partition_count).expect("data dir");
+        let marker = data_dir.marker_path();
+        let carried_in = carried.clone();
+        let root_in = root.clone();
+        let config_in = config.clone();
+        on_executor(move || {
+            Box::pin(async move {
+                let Carried { model, closed_cleanly } = carried_in.lock().unwrap().take().expect("model");
+                let model = Rc::new(RefCell::new(model));
+                DmaDisk::prime(&marker).await.expect("prime");
+                let (store, background) =
+                    ShardStore::open(DmaDisk::default(), &root_in, config_in, LAYOUT).await.unwrap_or_else(|e| panic!("{context}: open: {e}"));
+                spawn_detached(background);
+                verify_and_rebase(&model, &store, check_for(mode, closed_cleanly), &context).await;
+                assert_verified(&store, &context).await;
+                run_workload(&store, &model, workload, workload_seed, || false).await;
+                if close_at_end {
+                    store.close().await.unwrap_or_else(|e| panic!("{context}: close: {e}"));
+                }
+                // Without close, returning drops the executor and with it
+                // every buffer and task: a process crash.
+                let model = Rc::try_unwrap(model).ok().expect("model uniquely owned").into_inner();
+                *carried_in.lock().unwrap() = Some(Carried { model, closed_cleanly: close_at_end });
+            })
+        });
+        drop(data_dir);
+    }
+}
+
+#[test]
+fn model_suite_on_the_real_disk_in_every_mode() {
+    for (i, mode) in [SyncMode::Group, SyncMode::Interval, SyncMode::None].into_iter().enumerate() {
+        let sequences = std::env::var("RINGKV_REAL_SEQUENCES").ok().and_then(|v| v.parse().ok()).unwrap_or(3u64);
+        for seed in 0..sequences {
+            run_real_sequence(seed + 100 * i as u64, mode, tiny_config(mode), 5);
+        }
+    }
+}
+
+#[test]
+fn model_suite_on_the_real_disk_with_default_sizes() {
+    let config = StorageConfig { key_bytes_max: 32, value_bytes_max: 4096, ..StorageConfig::default() };
+    run_real_sequence(7, SyncMode::Group, config, 4);
+}
+
+#[test]
+fn a_second_process_cannot_open_a_locked_data_directory() {
+    let dir = scratch_dir();
+    let first = DataDir::open(dir.path(), 1, 4).unwrap();
+    let err = DataDir::open(dir.path(), 1, 4).unwrap_err();
+    assert!(err.to_string().contains("in use by another process"), "{err}");
+    drop(first);
+    let _ = Path::new(dir.path());
+}
