@@ -30,7 +30,8 @@ fn assert_present_after_crash(disk: &SimDisk, seed: u64, expected: &[(Vec<u8>, V
     let exec = SimExecutor::new(image.clone());
     let spawner = exec.spawner();
     exec.block_on(async {
-        let (store, bg) = ShardStore::open(image.clone(), root(), common::tiny_config(SyncMode::Group), LAYOUT).await.unwrap();
+        let (store, bg) =
+            ShardStore::open(image.clone(), root(), common::tiny_config(SyncMode::Group), LAYOUT).await.unwrap();
         spawner.spawn(bg);
         for (k, v) in expected {
             let got = store.get(0, k).await.unwrap();
@@ -45,7 +46,8 @@ fn disk_full_fails_writes_keeps_reads_and_recovers_without_restart() {
     let exec = SimExecutor::new(disk.clone());
     let spawner = exec.spawner();
     let acked = exec.block_on(async {
-        let (store, bg) = ShardStore::open(disk.clone(), root(), common::tiny_config(SyncMode::Group), LAYOUT).await.unwrap();
+        let (store, bg) =
+            ShardStore::open(disk.clone(), root(), common::tiny_config(SyncMode::Group), LAYOUT).await.unwrap();
         spawner.spawn(bg);
         let mut acked = Vec::new();
         for i in 0..50 {
@@ -150,7 +152,8 @@ fn closed_store() -> (SimDisk, PathBuf, PathBuf) {
     let exec = SimExecutor::new(disk.clone());
     let spawner = exec.spawner();
     exec.block_on(async {
-        let (store, bg) = ShardStore::open(disk.clone(), root(), common::tiny_config(SyncMode::Group), LAYOUT).await.unwrap();
+        let (store, bg) =
+            ShardStore::open(disk.clone(), root(), common::tiny_config(SyncMode::Group), LAYOUT).await.unwrap();
         spawner.spawn(bg);
         for i in 0..100 {
             store.put(0, &key(i), &value(i, 0)).await.unwrap();

@@ -22,11 +22,16 @@ use ringkv::storage::{ShardLayout, ShardStore};
 const LAYOUT: ShardLayout = ShardLayout { shard: 0, shard_count: 1, partition_count: 4 };
 
 fn scratch_dir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("real-disk-").tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir under target/")
+    tempfile::Builder::new()
+        .prefix("real-disk-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .expect("tempdir under target/")
 }
 
 /// Runs `f` on a fresh glommio executor thread and returns its result.
-fn on_executor<T: Send + 'static>(f: impl FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = T>>> + Send + 'static) -> T {
+fn on_executor<T: Send + 'static>(
+    f: impl FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = T>>> + Send + 'static,
+) -> T {
     LocalExecutorBuilder::new(Placement::Unbound)
         .io_memory(1 << 20)
         .spawn(move || f())
@@ -45,7 +50,8 @@ fn run_real_sequence(seed: u64, mode: SyncMode, config: StorageConfig, cycles: u
     let dir = scratch_dir();
     let root: PathBuf = dir.path().to_owned();
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let carried = std::sync::Arc::new(std::sync::Mutex::new(Some(Carried { model: Model::default(), closed_cleanly: true })));
+    let carried =
+        std::sync::Arc::new(std::sync::Mutex::new(Some(Carried { model: Model::default(), closed_cleanly: true })));
     for cycle in 0..=cycles {
         let last = cycle == cycles;
         let close_at_end = last || rng.gen_bool(0.5);
@@ -68,8 +74,9 @@ fn run_real_sequence(seed: u64, mode: SyncMode, config: StorageConfig, cycles: u
                 let Carried { model, closed_cleanly } = carried_in.lock().unwrap().take().expect("model");
                 let model = Rc::new(RefCell::new(model));
                 DmaDisk::prime(&marker).await.expect("prime");
-                let (store, background) =
-                    ShardStore::open(DmaDisk::default(), &root_in, config_in, LAYOUT).await.unwrap_or_else(|e| panic!("{context}: open: {e}"));
+                let (store, background) = ShardStore::open(DmaDisk::default(), &root_in, config_in, LAYOUT)
+                    .await
+                    .unwrap_or_else(|e| panic!("{context}: open: {e}"));
                 spawn_detached(background);
                 verify_and_rebase(&model, &store, check_for(mode, closed_cleanly), &context).await;
                 assert_verified(&store, &context).await;

@@ -128,7 +128,9 @@ impl Disk for DmaDisk {
     }
 
     async fn sync_dir(&self, path: &Path) -> io::Result<()> {
-        let dir = Directory::open(path).await.map_err(into_io)?;
+        // glommio opens directories with openat(-1, path): a relative path
+        // fails with EBADF, so resolve it first.
+        let dir = Directory::open(std::path::absolute(path)?).await.map_err(into_io)?;
         dir.sync().await.map_err(into_io)?;
         dir.close().await.map_err(into_io)
     }
