@@ -34,7 +34,7 @@ fn on_executor<T: Send + 'static>(
 ) -> T {
     LocalExecutorBuilder::new(Placement::Unbound)
         .io_memory(1 << 20)
-        .spawn(move || f())
+        .spawn(f)
         .expect("executor starts")
         .join()
         .expect("executor thread")
