@@ -30,7 +30,14 @@ fn sequences() -> u64 {
 fn run_sequence(seed: u64, mode: SyncMode) {
     common::init_tracing();
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let config = tiny_config(mode);
+    // Vary the write unit and buffer budget so that partially filled tails
+    // can together exhaust the budget (the memory-pressure path).
+    let config = ringkv::config::StorageConfig {
+        segment_write_bytes: [4096, 8192, 12288][rng.gen_range(0..3)],
+        write_buffer_bytes_max: [16 << 10, 24 << 10, 32 << 10][rng.gen_range(0..3)],
+        ..tiny_config(mode)
+    };
+    config.validate().expect("model config");
     let mut disk = SimDisk::new();
     let model = Rc::new(RefCell::new(Model::default()));
     let mut closed_cleanly = true;

@@ -70,3 +70,35 @@ fn put_get_remove_reopen_in_every_mode() {
         });
     }
 }
+
+/// Many partitions each holding a partial write unit can together fill the
+/// buffer budget; writers must not wait forever for a flush nobody starts.
+#[test]
+fn partial_tails_filling_the_budget_do_not_deadlock_writers() {
+    let layout = ShardLayout { shard: 0, shard_count: 1, partition_count: 64 };
+    let config = StorageConfig {
+        segment_write_bytes: 64 << 10,
+        write_buffer_bytes_max: 160 << 10,
+        ..small_config(SyncMode::Group)
+    };
+    config.validate().unwrap();
+    let disk = SimDisk::new();
+    let exec = SimExecutor::new(disk.clone());
+    let spawner = exec.spawner();
+    exec.block_on(async {
+        let (store, bg) = ShardStore::open(disk.clone(), root(), config, layout).await.unwrap();
+        spawner.spawn(bg);
+        let writers = (0..16u32).map(|w| {
+            let store = store.clone();
+            async move {
+                for i in 0..300u32 {
+                    let p = (w * 7 + i) % 64;
+                    store.put(p, format!("w{w}-{i}").as_bytes(), &[b'x'; 100]).await.unwrap();
+                }
+            }
+        });
+        futures::future::join_all(writers).await;
+        assert_eq!(store.stats().keys, 16 * 300);
+        store.close().await.unwrap();
+    });
+}

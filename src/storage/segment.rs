@@ -369,7 +369,17 @@ impl<D: Disk> PartitionState<D> {
     }
 
     /// Whether the segment task has anything to do here now.
-    fn needs_work(&self, mode: SyncMode, now: Duration, flush_interval: Duration, closing: bool) -> bool {
+    /// Under memory `pressure` every tail with a whole block is written, so
+    /// that many partially filled buffers cannot hold the whole budget while
+    /// writers wait for space.
+    fn needs_work(
+        &self,
+        mode: SyncMode,
+        now: Duration,
+        flush_interval: Duration,
+        closing: bool,
+        pressure: bool,
+    ) -> bool {
         if self.flushing {
             return false;
         }
@@ -378,6 +388,9 @@ impl<D: Disk> PartitionState<D> {
         }
         let Some(active) = &self.active else { return false };
         if active.has_unwritten() {
+            return true;
+        }
+        if pressure && active.tail_used() >= BLOCK_BYTES {
             return true;
         }
         let buffered = active.write_offset > active.tail_start;
@@ -426,13 +439,14 @@ impl<D: Disk> Inner<D> {
                 // for its retry time.
                 let retry_wait = st.full_retry_at.filter(|at| *at > now);
                 let healthy = st.unhealthy.is_none();
+                let pressure = st.buffered_bytes > self.config.write_buffer_bytes_max / 2;
                 let closing = st.closing;
                 let mut jobs = Vec::new();
                 let mut deadline = retry_wait;
                 for part in st.partitions.values_mut() {
                     if healthy
                         && retry_wait.is_none()
-                        && part.needs_work(self.config.sync_mode, now, flush_interval, closing)
+                        && part.needs_work(self.config.sync_mode, now, flush_interval, closing, pressure)
                     {
                         part.flushing = true;
                         jobs.push(part.id);
@@ -554,6 +568,11 @@ impl<D: Disk> Inner<D> {
                 part.segments[active.slot as usize].data_end = active.write_offset;
                 ActiveAction::WriteAll { sync_lsn: sync.then_some((part.max_lsn, active.write_offset)) }
             } else {
+                if st.buffered_bytes > self.config.write_buffer_bytes_max / 2 {
+                    // Memory pressure: write the whole blocks of this tail
+                    // even though it is not a full write unit.
+                    active.cut(&self.disk, false);
+                }
                 ActiveAction::WriteCut
             };
             (active.slot, action)
