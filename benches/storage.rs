@@ -16,6 +16,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use ringkv::config::{StorageConfig, SyncMode};
 use ringkv::runtime::{spawn_detached, DmaDisk};
+
 use ringkv::storage::data_dir::DataDir;
 use ringkv::storage::{ShardLayout, ShardStore};
 
@@ -159,6 +160,7 @@ struct Row {
 }
 
 fn main() {
+    ringkv::runtime::tune_allocator();
     let o = options();
     std::fs::create_dir_all(&o.dir).unwrap();
     let scale = if o.quick { 8 } else { 1 };
@@ -172,10 +174,23 @@ fn main() {
         let count = (4u64 << 30) / 16384 / scale;
         let data_dir = DataDir::open(&dir, 1, PARTITIONS).unwrap();
         let d = dir.clone();
+        let buffer_mib: usize = std::env::var("BUF_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(64);
         let elapsed = on_shard(move || {
             Box::pin(async move {
-                let store = open(&d, StorageConfig { sync_mode: SyncMode::None, ..StorageConfig::default() }).await;
+                let config = StorageConfig {
+                    sync_mode: SyncMode::None,
+                    write_buffer_bytes_max: buffer_mib << 20,
+                    ..StorageConfig::default()
+                };
+                let store = open(&d, config).await;
                 let t = load(&store, count, 16384).await;
+                let s = store.stats();
+                eprintln!(
+                    "ingest-16k: {} segment writes, {:.0} KiB average, {} fsyncs",
+                    s.segment_writes,
+                    s.segment_bytes_written as f64 / s.segment_writes.max(1) as f64 / 1024.0,
+                    s.segment_fsyncs
+                );
                 store.close().await.unwrap();
                 t
             })

@@ -91,6 +91,10 @@ impl DiskFile for DmaFile {
         u64::try_from(size).map_err(|_| io::Error::other("negative file size"))
     }
 
+    async fn allocate(&self, len: u64) -> io::Result<()> {
+        self.0.pre_allocate(len, false).await.map_err(into_io)
+    }
+
     async fn truncate(&self, len: u64) -> io::Result<()> {
         self.0.truncate(len).await.map_err(into_io)
     }

@@ -27,7 +27,7 @@ use super::format::{
     align_up, encode_pad, pad_len, HintHeader, RecordKind, SegmentHeader, SegmentKind, BLOCK_BYTES, FILE_HEADER_BYTES,
 };
 use super::index::Location;
-use super::segment::{push_hint, scan_file, write_hint, ScanMode, SegmentState};
+use super::segment::{push_hint, scan_file, slot_id, write_hint, ScanMode, SegmentState};
 use super::store::{Inner, Paths, VerifyReport};
 use super::sync::yield_now;
 use super::{IoOp, Result, StorageError};
@@ -72,7 +72,7 @@ impl<D: Disk> Inner<D> {
                     p.segments
                         .iter()
                         .find(|(_, s)| s.sealed && !s.hinted && s.file.is_some() && s.kind == SegmentKind::Appended)
-                        .map(|(slot, _)| (p.id, slot as u32))
+                        .map(|(slot, _)| (p.id, slot_id(slot)))
                 });
                 let threshold = self.config.compaction_dead_ratio;
                 let compaction_job = st
@@ -125,11 +125,11 @@ impl<D: Disk> Inner<D> {
             let budget = self.config.segment_bytes - (FILE_HEADER_BYTES + 2 * BLOCK_BYTES) as u64;
             let mut kept_bytes = 0u64;
             let mut inputs = Vec::new();
-            let mut candidates: Vec<(u64, u32)> = part
+            let mut candidates: Vec<(u64, u16)> = part
                 .segments
                 .iter()
                 .filter(|(_, s)| s.compactable(threshold))
-                .map(|(slot, s)| (s.id, slot as u32))
+                .map(|(slot, s)| (s.id, slot_id(slot)))
                 .collect();
             candidates.sort_unstable();
             for (_, slot) in candidates {
@@ -150,7 +150,7 @@ impl<D: Disk> Inner<D> {
             let lowest_lsn_elsewhere = part
                 .segments
                 .iter()
-                .filter(|(slot, _)| !inputs.contains(&(*slot as u32)))
+                .filter(|(slot, _)| !inputs.contains(&slot_id(*slot)))
                 .map(|(_, s)| s.min_lsn)
                 .min()
                 .unwrap_or(u64::MAX);
@@ -295,7 +295,7 @@ impl<D: Disk> Inner<D> {
             segment.max_lsn = max_lsn;
             segment.sealed = true;
             segment.hinted = true;
-            part.segments.insert(segment) as u32
+            slot_id(part.segments.insert(segment))
         };
         for chunk in kept.chunks(SWAP_CHUNK_RECORDS) {
             {

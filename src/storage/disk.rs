@@ -54,6 +54,11 @@ pub trait DiskFile: 'static {
     fn read_at(&self, pos: u64, len: usize) -> impl Future<Output = io::Result<Self::Read>>;
     fn fdatasync(&self) -> impl Future<Output = io::Result<()>>;
     fn size(&self) -> impl Future<Output = io::Result<u64>>;
+    /// Grows the file to at least `len` bytes of reserved, zero-reading space
+    /// (fallocate). Writes inside the file's size then need no size update,
+    /// which on ext4 lets io_uring issue O_DIRECT writes without punting them
+    /// to worker threads (measured here: 1.0 vs 1.8-2.3 GB/s).
+    fn allocate(&self, len: u64) -> impl Future<Output = io::Result<()>>;
     fn truncate(&self, len: u64) -> impl Future<Output = io::Result<()>>;
 }
 

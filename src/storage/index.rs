@@ -2,104 +2,85 @@
 //! (at run time a `Location`: segment slot, offset, value length).
 //!
 //! Memory is the design constraint (target: at most 48 bytes of overhead per
-//! key besides the key bytes). Entries are 16 bytes (`u32` key reference and a
-//! 12-byte `Location`) in a `hashbrown::HashTable` whose hash is xxh3 of the
-//! key, recomputed from the arena on resize rather than stored. Keys live
-//! length-prefixed in an arena of chunks that grow from 256 bytes to 1 MiB, so
-//! small partitions do not pay for a large chunk and no key is ever moved
-//! until the arena is compacted (when removed keys make up half of it).
+//! key besides the key bytes). Entries are 14 bytes (a `u32` key reference and
+//! a 10-byte packed `Location`) in a `hashbrown::HashTable` whose hash is xxh3
+//! of the key, recomputed from the arena on resize rather than stored. Keys
+//! live length-prefixed in an arena of chunks of at most 1 MiB; a key
+//! reference is (chunk, offset). Chunks grow by half the arena's size (so at
+//! most a third is slack), are sized exactly when the index is rebuilt from a
+//! known set of keys (recovery), and no key moves until the arena is
+//! compacted (when removed keys make up half of it).
 
 use hashbrown::HashTable;
 use xxhash_rust::xxh3::xxh3_64;
 
 /// Where a live record is: the partition's segment slot, the record's byte
 /// offset in the segment, and its value length (the record length follows).
+/// Packed: the index holds one per key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(C, packed(2))]
 pub struct Location {
-    pub slot: u32,
+    pub slot: u16,
     pub offset: u32,
     pub value_len: u32,
 }
 
 #[derive(Clone, Copy)]
-struct Entry<V> {
+#[repr(C, packed(2))]
+struct Entry<V: Copy> {
     key_ref: u32,
     value: V,
 }
 
-const _: () = assert!(std::mem::size_of::<Entry<Location>>() == 16);
+const _: () = assert!(std::mem::size_of::<Location>() == 10);
+const _: () = assert!(std::mem::size_of::<Entry<Location>>() == 14);
 
-const FIRST_CHUNK_BYTES: usize = 256;
-const DOUBLING_CHUNKS: u32 = 13; // 256 B .. 1 MiB
-const MAX_CHUNK_BYTES: usize = FIRST_CHUNK_BYTES << (DOUBLING_CHUNKS - 1);
-/// Total bytes covered by the doubling chunks.
-const DOUBLING_SPAN: u64 = (FIRST_CHUNK_BYTES as u64) * ((1u64 << DOUBLING_CHUNKS) - 1);
+/// Most segments a partition can have at once (slots are u16).
+pub const SEGMENT_SLOTS_MAX: usize = u16::MAX as usize + 1;
+
+const CHUNK_OFFSET_BITS: u32 = 20;
+const CHUNK_BYTES_MAX: usize = 1 << CHUNK_OFFSET_BITS;
+const CHUNKS_MAX: usize = 1 << (32 - CHUNK_OFFSET_BITS);
+const CHUNK_BYTES_MIN: usize = 256;
 const LEN_PREFIX_BYTES: usize = 2;
-const _: () = assert!(MAX_CHUNK_BYTES == 1 << 20);
-const _: () = assert!(MAX_CHUNK_BYTES >= LEN_PREFIX_BYTES + super::format::KEY_BYTES_LIMIT);
+const _: () = assert!(CHUNK_BYTES_MAX >= LEN_PREFIX_BYTES + super::format::KEY_BYTES_LIMIT);
 
-/// Start of chunk `c` in the arena's global byte space.
-fn chunk_start(c: u32) -> u64 {
-    if c < DOUBLING_CHUNKS {
-        (FIRST_CHUNK_BYTES as u64) * ((1u64 << c) - 1)
-    } else {
-        DOUBLING_SPAN + u64::from(c - DOUBLING_CHUNKS) * MAX_CHUNK_BYTES as u64
-    }
-}
-
-fn chunk_bytes(c: u32) -> usize {
-    FIRST_CHUNK_BYTES << c.min(DOUBLING_CHUNKS - 1)
-}
-
-/// Chunk and offset inside it of a global arena position.
-fn locate(pos: u64) -> (u32, usize) {
-    if pos < DOUBLING_SPAN {
-        let c = 63 - (pos / FIRST_CHUNK_BYTES as u64 + 1).leading_zeros();
-        (c, (pos - chunk_start(c)) as usize)
-    } else {
-        let rel = pos - DOUBLING_SPAN;
-        (DOUBLING_CHUNKS + (rel / MAX_CHUNK_BYTES as u64) as u32, (rel % MAX_CHUNK_BYTES as u64) as usize)
-    }
-}
-
-/// Append-only storage for keys, addressed by a u32 position.
+/// Append-only storage for keys, addressed by (chunk << 20 | offset).
 #[derive(Default)]
 struct KeyArena {
     chunks: Vec<Vec<u8>>,
-    /// Global position of the next free byte.
-    end: u64,
+    /// Bytes still expected from a rebuild; sizes the next chunk exactly.
+    planned_bytes: usize,
+    used_bytes: usize,
     garbage_bytes: usize,
 }
 
 impl KeyArena {
     fn key(&self, key_ref: u32) -> &[u8] {
-        let (c, off) = locate(u64::from(key_ref));
-        let chunk = &self.chunks[c as usize];
+        let chunk = &self.chunks[(key_ref >> CHUNK_OFFSET_BITS) as usize];
+        let off = (key_ref as usize) & (CHUNK_BYTES_MAX - 1);
         let len = usize::from(u16::from_le_bytes([chunk[off], chunk[off + 1]]));
         &chunk[off + LEN_PREFIX_BYTES..off + LEN_PREFIX_BYTES + len]
     }
 
     fn push(&mut self, key: &[u8]) -> u32 {
         let need = LEN_PREFIX_BYTES + key.len();
-        let (mut c, mut off) = locate(self.end);
-        while off + need > chunk_bytes(c) {
-            // Keys never straddle chunks; the rest of this one is left unused.
-            c += 1;
-            off = 0;
+        let fits = self.chunks.last().is_some_and(|c| c.capacity() - c.len() >= need);
+        if !fits {
+            let planned = self.planned_bytes.min(CHUNK_BYTES_MAX);
+            let grown = (self.allocated_bytes() / 2).clamp(CHUNK_BYTES_MIN, CHUNK_BYTES_MAX);
+            let capacity = if planned > 0 { planned } else { grown }.max(need);
+            assert!(self.chunks.len() < CHUNKS_MAX, "a partition's keys exceed the 4 GiB key arena");
+            self.chunks.push(Vec::with_capacity(capacity));
         }
-        while self.chunks.len() <= c as usize {
-            self.chunks.push(Vec::new());
-        }
-        let chunk = &mut self.chunks[c as usize];
-        if chunk.capacity() == 0 {
-            chunk.reserve_exact(chunk_bytes(c));
-        }
-        debug_assert_eq!(chunk.len(), off);
+        let index = self.chunks.len() - 1;
+        let chunk = &mut self.chunks[index];
+        let off = chunk.len();
         chunk.extend_from_slice(&(key.len() as u16).to_le_bytes());
         chunk.extend_from_slice(key);
-        let pos = chunk_start(c) + off as u64;
-        self.end = pos + need as u64;
-        u32::try_from(pos).expect("a partition's keys exceed the 4 GiB key arena")
+        self.used_bytes += need;
+        self.planned_bytes = self.planned_bytes.saturating_sub(need);
+        ((index as u32) << CHUNK_OFFSET_BITS) | off as u32
     }
 
     fn release(&mut self, key_len: usize) {
@@ -125,8 +106,10 @@ impl<V: Copy> Default for KeyIndex<V> {
 }
 
 impl<V: Copy> KeyIndex<V> {
-    pub fn with_capacity(keys: usize) -> Self {
-        Self { table: HashTable::with_capacity(keys), ..Self::default() }
+    /// An empty index sized for `keys` keys totalling `key_bytes` bytes.
+    pub fn with_capacity(keys: usize, key_bytes: usize) -> Self {
+        let arena = KeyArena { planned_bytes: key_bytes + keys * LEN_PREFIX_BYTES, ..KeyArena::default() };
+        Self { table: HashTable::with_capacity(keys), arena, key_bytes: 0 }
     }
 
     pub fn len(&self) -> usize {
@@ -147,7 +130,9 @@ impl<V: Copy> KeyIndex<V> {
         let hash = xxh3_64(key);
         let arena = &self.arena;
         if let Some(entry) = self.table.find_mut(hash, |e| arena.key(e.key_ref) == key) {
-            return Some(std::mem::replace(&mut entry.value, value));
+            let previous = entry.value;
+            entry.value = value;
+            return Some(previous);
         }
         let key_ref = self.arena.push(key);
         self.key_bytes += key.len();
@@ -164,7 +149,7 @@ impl<V: Copy> KeyIndex<V> {
     {
         let arena = &self.arena;
         match self.table.find_mut(xxh3_64(key), |e| arena.key(e.key_ref) == key) {
-            Some(entry) if entry.value == expected => {
+            Some(entry) if { entry.value } == expected => {
                 entry.value = value;
                 true
             }
@@ -186,27 +171,17 @@ impl<V: Copy> KeyIndex<V> {
         self.table.iter().map(|e| (self.arena.key(e.key_ref), e.value))
     }
 
-    /// Keeps only entries for which `keep` returns true.
-    pub fn retain(&mut self, mut keep: impl FnMut(&[u8], &mut V) -> bool) {
-        let arena = &mut self.arena;
-        let mut released = 0usize;
-        self.table.retain(|e| {
-            let key = arena.key(e.key_ref);
-            let kept = keep(key, &mut e.value);
-            if !kept {
-                released += key.len();
-                arena.garbage_bytes += LEN_PREFIX_BYTES + key.len();
-            }
-            kept
-        });
-        self.key_bytes -= released;
-        self.maybe_compact_arena();
-    }
-
     /// A copy with values mapped by `f` (entries where it returns None are
-    /// dropped), keys copied into a fresh, compact arena.
+    /// dropped), table and arena sized exactly for what is kept.
     pub fn map_values<W: Copy>(&self, mut f: impl FnMut(V) -> Option<W>) -> KeyIndex<W> {
-        let mut out = KeyIndex::with_capacity(self.len());
+        let (mut keys, mut key_bytes) = (0, 0);
+        for (key, v) in self.iter() {
+            if f(v).is_some() {
+                keys += 1;
+                key_bytes += key.len();
+            }
+        }
+        let mut out = KeyIndex::with_capacity(keys, key_bytes);
         for (key, v) in self.iter() {
             if let Some(w) = f(v) {
                 out.insert(key, w);
@@ -217,7 +192,7 @@ impl<V: Copy> KeyIndex<V> {
 
     /// Heap bytes used by the table and the arena, minus the key bytes.
     pub fn overhead_bytes(&self) -> usize {
-        let table = self.table.capacity() * (std::mem::size_of::<Entry<V>>() + 1);
+        let table = self.table.capacity().div_ceil(7) * 8 * (std::mem::size_of::<Entry<V>>() + 1);
         table + self.arena.allocated_bytes() - self.key_bytes
     }
 
@@ -227,11 +202,12 @@ impl<V: Copy> KeyIndex<V> {
 
     /// Rebuilds the arena when removed keys occupy more than half of it.
     fn maybe_compact_arena(&mut self) {
-        let used = (self.arena.end as usize).max(1);
+        let used = self.arena.used_bytes.max(1);
         if self.arena.garbage_bytes < 64 * 1024 || self.arena.garbage_bytes * 2 < used {
             return;
         }
-        let mut arena = KeyArena::default();
+        let live = used - self.arena.garbage_bytes;
+        let mut arena = KeyArena { planned_bytes: live, ..KeyArena::default() };
         for entry in self.table.iter_mut() {
             entry.key_ref = arena.push(self.arena.key(entry.key_ref));
         }
@@ -246,16 +222,7 @@ mod tests {
     use std::collections::HashMap;
 
     #[test]
-    fn arena_positions_are_contiguous_across_chunk_kinds() {
-        for c in 0..20 {
-            assert_eq!(chunk_start(c) + chunk_bytes(c) as u64, chunk_start(c + 1));
-            assert_eq!(locate(chunk_start(c)), (c, 0));
-            assert_eq!(locate(chunk_start(c + 1) - 1), (c, chunk_bytes(c) - 1));
-        }
-    }
-
-    #[test]
-    fn long_keys_skip_small_chunks() {
+    fn long_keys_get_a_chunk_of_their_own_size() {
         let mut index = KeyIndex::default();
         let long = vec![7u8; 60_000];
         index.insert(b"a", 1u32);
@@ -300,6 +267,21 @@ mod tests {
             let expected = (i % 4 == 0).then_some(i);
             assert_eq!(index.get(format!("key-{i:08}").as_bytes()), expected);
         }
-        assert!(index.arena.garbage_bytes * 2 < index.arena.end as usize);
+        assert!(index.arena.garbage_bytes * 2 < index.arena.used_bytes);
+    }
+
+    #[test]
+    fn a_rebuilt_index_wastes_no_arena_space() {
+        let mut index = KeyIndex::default();
+        for i in 0..100_000u32 {
+            index.insert(format!("key-{i:012}").as_bytes(), i);
+        }
+        let rebuilt = index.map_values(Some);
+        // Only the tail of each full chunk (less than one key) is unused.
+        assert!(rebuilt.arena.allocated_bytes() - rebuilt.arena.used_bytes <= rebuilt.arena.chunks.len() * 32);
+        // Overhead per key besides the key: the table (14 B entry + 1 control
+        // byte per bucket) plus the 2-byte length prefix.
+        let per_key = rebuilt.overhead_bytes() as f64 / rebuilt.len() as f64;
+        assert!(per_key < 48.0, "{per_key}");
     }
 }

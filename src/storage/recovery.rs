@@ -30,8 +30,8 @@ use super::format::{
 };
 use super::index::{KeyIndex, Location};
 use super::segment::{
-    check_segment_header, push_hint, read_hint, scan_file, write_hint, PartitionState, ScanMode, SegmentBuffer,
-    SegmentState,
+    check_segment_header, push_hint, read_hint, scan_file, slot_id, write_hint, PartitionState, ScanMode,
+    SegmentBuffer, SegmentState,
 };
 use super::store::{Inner, Paths};
 use super::{IoOp, Result, StorageError};
@@ -220,7 +220,7 @@ impl<D: Disk> Inner<D> {
             let path = self.paths.segment(partition, id);
             let file = Rc::new(file);
             let mut state = SegmentState::<D>::new(id, header.kind);
-            let slot = part.segments.vacant_key() as u32;
+            let slot = slot_id(part.segments.vacant_key());
             let mut tombstones = 0u64;
             let mut feed =
                 |kind: RecordKind, key: &[u8], offset: u64, value_len: u32, lsn: u64, state: &mut SegmentState<D>| {
@@ -275,13 +275,14 @@ impl<D: Disk> Inner<D> {
             );
             state.tombstone_bytes = tombstones;
             state.file = Some(file.clone());
+            state.allocated = file_bytes;
             if is_active {
                 active = Some((slot, state.data_end, file.clone(), path.clone(), file_bytes, state.max_lsn));
             } else {
                 state.sealed = true;
             }
             let inserted = part.segments.insert(state);
-            assert_eq!(inserted as u32, slot);
+            assert_eq!(slot_id(inserted), slot);
             part.next_segment_id = part.next_segment_id.max(id + 1);
         }
         // Keep only live puts; count live bytes per segment.
@@ -299,21 +300,26 @@ impl<D: Disk> Inner<D> {
             let keep = align_up_u64(valid_end, BLOCK_BYTES as u64);
             if file_bytes > keep {
                 file.truncate(keep).await.map_err(|e| StorageError::io(IoOp::Truncate, &path, e))?;
+                part.segments[slot as usize].allocated = keep;
             }
             let tail_start = align_down_u64(valid_end, BLOCK_BYTES as u64);
             let partial = (valid_end - tail_start) as usize;
-            let mut tail = self.disk.alloc_buffer(self.config.segment_write_bytes.max(BLOCK_BYTES));
+            // A buffer only for a partial last block; otherwise the first
+            // append allocates one (idle partitions hold no buffer memory).
+            let mut tail = None;
             if partial > 0 {
+                let mut buffer = self.disk.alloc_buffer(self.config.segment_write_bytes.max(BLOCK_BYTES));
                 let bytes =
                     file.read_at(tail_start, partial).await.map_err(|e| StorageError::io(IoOp::Read, &path, e))?;
-                tail.as_bytes_mut()[..partial].copy_from_slice(&bytes);
+                buffer.as_bytes_mut()[..partial].copy_from_slice(&bytes);
+                tail = Some(buffer);
             }
             self.state.borrow_mut().buffered_bytes += partial;
             part.active = Some(SegmentBuffer {
                 slot,
                 write_offset: valid_end,
                 tail_start,
-                tail: Some(tail),
+                tail,
                 unwritten: Default::default(),
                 last_lsn,
                 // Made durable by the checkpoint that ends recovery.
@@ -561,7 +567,7 @@ impl<D: Disk> Inner<D> {
         // Hints for every segment still lacking one, so that the next open
         // reads no segment data: sealed ones (the maintenance task may not
         // have reached them) and, covering what they hold now, active ones.
-        let unhinted: Vec<(u32, u32, bool)> = {
+        let unhinted: Vec<(u32, u16, bool)> = {
             let st = self.state.borrow();
             st.partitions
                 .values()
@@ -570,7 +576,7 @@ impl<D: Disk> Inner<D> {
                     p.segments
                         .iter()
                         .filter(|(_, s)| !s.hinted && s.file.is_some())
-                        .map(move |(slot, _)| (p.id, slot as u32, Some(slot as u32) != active))
+                        .map(move |(slot, _)| (p.id, slot_id(slot), Some(slot_id(slot)) != active))
                 })
                 .collect()
         };
@@ -585,7 +591,7 @@ impl<D: Disk> Inner<D> {
 
     /// Scans a segment's file and writes its hint file. `sealed` says the
     /// hint covers a segment that will not grow.
-    pub(crate) async fn write_segment_hint(&self, partition: u32, slot: u32, sealed: bool) -> Result<()> {
+    pub(crate) async fn write_segment_hint(&self, partition: u32, slot: u16, sealed: bool) -> Result<()> {
         let (file, id, data_end) = {
             let st = self.state.borrow();
             let Some(segment) = st.partitions.get(&partition).and_then(|p| p.segments.get(slot as usize)) else {

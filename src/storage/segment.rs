@@ -25,13 +25,21 @@ use slab::Slab;
 
 use super::disk::{is_no_space, Disk, DiskBuffer, DiskFile, OpenMode};
 use super::format::{
-    align_up, encode_pad, pad_len, parse_record, HintEntries, HintEntry, HintHeader, RecordError, RecordKind,
-    RecordView, SegmentHeader, SegmentKind, BLOCK_BYTES, FILE_HEADER_BYTES, RECORD_ALIGN_BYTES, RECORD_HEADER_BYTES,
+    align_up, align_up_u64, encode_pad, pad_len, parse_record, HintEntries, HintEntry, HintHeader, RecordError,
+    RecordKind, RecordView, SegmentHeader, SegmentKind, BLOCK_BYTES, FILE_HEADER_BYTES, RECORD_ALIGN_BYTES,
+    RECORD_HEADER_BYTES,
 };
 use super::index::{KeyIndex, Location};
 use super::store::{Inner, Paths};
 use super::{IoOp, Result, StorageError, UnhealthyReason};
 use crate::config::SyncMode;
+
+/// The u16 slot of a segment in its partition's slab. Compaction keeps a
+/// partition's segment count small; 65,536 segments of 64 MiB (4 TiB in one
+/// partition) is far past any sane partition size.
+pub(crate) fn slot_id(slot: usize) -> u16 {
+    u16::try_from(slot).expect("a partition holds at most 65536 segments")
+}
 
 /// One segment file of a partition.
 pub(crate) struct SegmentState<D: Disk> {
@@ -49,6 +57,8 @@ pub(crate) struct SegmentState<D: Disk> {
     pub max_lsn: u64,
     /// Completely written and synced; never changes again.
     pub sealed: bool,
+    /// The file's size as allocated (preallocation runs ahead of writes).
+    pub allocated: u64,
     /// A hint file covering the whole segment exists.
     pub hinted: bool,
 }
@@ -66,6 +76,7 @@ impl<D: Disk> SegmentState<D> {
             max_lsn: 0,
             sealed: false,
             hinted: false,
+            allocated: 0,
         }
     }
 
@@ -92,7 +103,7 @@ impl<D: Disk> SegmentState<D> {
 
 /// The in-memory end of an appended segment that is still being written.
 pub(crate) struct SegmentBuffer<D: Disk> {
-    pub slot: u32,
+    pub slot: u16,
     /// Where the next record goes.
     pub write_offset: u64,
     /// Segment offset of `tail[0]`; a block boundary.
@@ -267,11 +278,11 @@ impl<D: Disk> PartitionState<D> {
     }
 
     /// The write buffer of segment `slot`, if it is still being written.
-    pub fn buffer_of(&self, slot: u32) -> Option<&SegmentBuffer<D>> {
+    pub fn buffer_of(&self, slot: u16) -> Option<&SegmentBuffer<D>> {
         self.active.iter().chain(self.sealing.iter()).find(|b| b.slot == slot)
     }
 
-    fn buffer_of_mut(&mut self, slot: u32) -> Option<&mut SegmentBuffer<D>> {
+    fn buffer_of_mut(&mut self, slot: u16) -> Option<&mut SegmentBuffer<D>> {
         self.active.iter_mut().chain(self.sealing.iter_mut()).find(|b| b.slot == slot)
     }
 
@@ -279,7 +290,7 @@ impl<D: Disk> PartitionState<D> {
     fn start_segment(&mut self, inner: &Inner<D>) -> usize {
         let id = self.next_segment_id;
         self.next_segment_id += 1;
-        let slot = self.segments.insert(SegmentState::new(id, SegmentKind::Appended)) as u32;
+        let slot = slot_id(self.segments.insert(SegmentState::new(id, SegmentKind::Appended)));
         let mut tail = inner.disk.alloc_buffer(inner.config.segment_write_bytes.max(2 * BLOCK_BYTES));
         let header = SegmentHeader {
             kind: SegmentKind::Appended,
@@ -534,6 +545,7 @@ impl<D: Disk> Inner<D> {
                 slot
             };
             self.write_unwritten(partition, slot).await?;
+            self.trim_preallocation(partition, slot).await?;
             self.sync_segment(partition, slot).await?;
             let mut st = self.state.borrow_mut();
             st.stats.segments_sealed += 1;
@@ -592,7 +604,7 @@ impl<D: Disk> Inner<D> {
 
     /// Writes the unwritten blocks of segment `slot` in order, creating the
     /// file on the first write. On failure the blocks stay queued.
-    async fn write_unwritten(&self, partition: u32, slot: u32) -> Result<()> {
+    async fn write_unwritten(&self, partition: u32, slot: u16) -> Result<()> {
         loop {
             let (offset, buffer, file, id) = {
                 let st = self.state.borrow();
@@ -617,6 +629,23 @@ impl<D: Disk> Inner<D> {
                 }
             };
             let len = buffer.len();
+            let end = offset + len as u64;
+            let allocated = self.state.borrow().partitions[&partition].segments[slot as usize].allocated;
+            if end > allocated {
+                // Allocate ahead in steps, so that writes land inside the
+                // file's size (and ENOSPC shows up here, not mid-write).
+                let target = align_up_u64(end, PREALLOCATE_BYTES).min(self.segment_allocation_cap()).max(end);
+                file.allocate(target).await.map_err(|e| self.write_error(&path, e))?;
+                if let Some(s) = self
+                    .state
+                    .borrow_mut()
+                    .partitions
+                    .get_mut(&partition)
+                    .and_then(|p| p.segments.get_mut(slot as usize))
+                {
+                    s.allocated = s.allocated.max(target);
+                }
+            }
             file.write_at(buffer, offset).await.map_err(|e| self.write_error(&path, e))?;
             let mut st = self.state.borrow_mut();
             st.buffered_bytes -= len;
@@ -644,8 +673,35 @@ impl<D: Disk> Inner<D> {
         self.unhealthy_error()
     }
 
+    /// Largest size a segment file is preallocated to: a full segment plus
+    /// its final pad.
+    fn segment_allocation_cap(&self) -> u64 {
+        align_up_u64(self.config.segment_bytes, BLOCK_BYTES as u64) + 2 * BLOCK_BYTES as u64
+    }
+
+    /// Cuts the unused preallocated space off a segment being sealed, so
+    /// sealed files are exactly their data.
+    async fn trim_preallocation(&self, partition: u32, slot: u16) -> Result<()> {
+        let (file, id, data_end, allocated) = {
+            let st = self.state.borrow();
+            let s = &st.partitions[&partition].segments[slot as usize];
+            (s.file.clone(), s.id, s.data_end, s.allocated)
+        };
+        let Some(file) = file else { return Ok(()) };
+        if allocated > data_end {
+            let path = self.paths.segment(partition, id);
+            file.truncate(data_end).await.map_err(|e| self.write_error(&path, e))?;
+            if let Some(s) =
+                self.state.borrow_mut().partitions.get_mut(&partition).and_then(|p| p.segments.get_mut(slot as usize))
+            {
+                s.allocated = data_end;
+            }
+        }
+        Ok(())
+    }
+
     /// fdatasync of a segment, then of the directory if a file was created.
-    async fn sync_segment(&self, partition: u32, slot: u32) -> Result<()> {
+    async fn sync_segment(&self, partition: u32, slot: u16) -> Result<()> {
         let (file, id) = {
             let st = self.state.borrow();
             let segment = &st.partitions[&partition].segments[slot as usize];
@@ -754,6 +810,9 @@ pub(crate) struct ScanOutcome {
 
 const SCAN_CHUNK_BYTES: usize = 1 << 20;
 
+/// Segment files grow by fallocate in steps of this many bytes.
+pub(crate) const PREALLOCATE_BYTES: u64 = 8 << 20;
+
 /// Reads a segment from `start` to its end and calls `visit` for every valid
 /// record (pads included) with its offset and raw bytes.
 pub(crate) async fn scan_file<F: DiskFile>(
@@ -839,7 +898,17 @@ pub(crate) async fn scan_file<F: DiskFile>(
                         outcome.errors.push((at, error));
                         in_error = true;
                     }
-                    at += RECORD_ALIGN_BYTES as u64;
+                    // Whole zero blocks (preallocated space) are skipped at once.
+                    let block = BLOCK_BYTES.min(available.len());
+                    if zero
+                        && at.is_multiple_of(BLOCK_BYTES as u64)
+                        && block == BLOCK_BYTES
+                        && available[..block].iter().all(|&b| b == 0)
+                    {
+                        at += BLOCK_BYTES as u64;
+                    } else {
+                        at += RECORD_ALIGN_BYTES as u64;
+                    }
                 }
             },
         }

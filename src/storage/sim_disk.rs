@@ -365,6 +365,25 @@ impl DiskFile for SimFile {
         Ok(s.inodes[&self.inode].data.len() as u64)
     }
 
+    async fn allocate(&self, len: u64) -> io::Result<()> {
+        let mut s = self.disk.state.borrow_mut();
+        s.begin(SimOp::Write, &self.path)?;
+        let current = s.inodes[&self.inode].data.len() as u64;
+        if len <= current {
+            return Ok(());
+        }
+        if let Some(cap) = s.capacity_bytes {
+            if s.used_bytes() + (len - current) > cap {
+                return Err(os_error(libc::ENOSPC));
+            }
+        }
+        let inode = s.inodes.get_mut(&self.inode).expect("open inode");
+        inode.data.resize(len as usize, 0);
+        // The new size is durable only after fdatasync, like any extension.
+        inode.pending.push(PendingOp::Truncate { len });
+        Ok(())
+    }
+
     async fn truncate(&self, len: u64) -> io::Result<()> {
         let mut s = self.disk.state.borrow_mut();
         s.begin(SimOp::Metadata, &self.path)?;
