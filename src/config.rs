@@ -35,6 +35,9 @@ pub struct StorageConfig {
     pub segment_bytes: u64,
     /// Partition buffers are written in appends of this size.
     pub segment_write_bytes: usize,
+    /// Segment files are grown by fallocate in steps of this size, ahead of
+    /// the writes (0: no preallocation).
+    pub segment_preallocate_bytes: u64,
     /// Per shard: bytes of records buffered for partition segments before
     /// writers wait for the disk.
     pub write_buffer_bytes_max: usize,
@@ -65,6 +68,7 @@ impl Default for StorageConfig {
             flush_interval_ms: 50,
             segment_bytes: 64 << 20,
             segment_write_bytes: 1 << 20,
+            segment_preallocate_bytes: 8 << 20,
             write_buffer_bytes_max: 64 << 20,
             commit_log_file_bytes: 64 << 20,
             commit_log_files_max: 4,
@@ -146,6 +150,9 @@ impl StorageConfig {
             "commit_log_file_bytes",
             || "must be a multiple of 4096 holding the header and one full batch".into(),
         )?;
+        require(self.segment_preallocate_bytes.is_multiple_of(block), "segment_preallocate_bytes", || {
+            format!("must be a multiple of {BLOCK_BYTES}")
+        })?;
         require(self.commit_log_files_max >= 2, "commit_log_files_max", || {
             "must be at least 2 (one written, one being checkpointed)".into()
         })?;

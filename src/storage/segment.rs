@@ -631,10 +631,11 @@ impl<D: Disk> Inner<D> {
             let len = buffer.len();
             let end = offset + len as u64;
             let allocated = self.state.borrow().partitions[&partition].segments[slot as usize].allocated;
-            if end > allocated {
+            let step = self.config.segment_preallocate_bytes;
+            if end > allocated && step > 0 {
                 // Allocate ahead in steps, so that writes land inside the
                 // file's size (and ENOSPC shows up here, not mid-write).
-                let target = align_up_u64(end, PREALLOCATE_BYTES).min(self.segment_allocation_cap()).max(end);
+                let target = align_up_u64(end, step).min(self.segment_allocation_cap()).max(end);
                 file.allocate(target).await.map_err(|e| self.write_error(&path, e))?;
                 if let Some(s) = self
                     .state
@@ -809,9 +810,6 @@ pub(crate) struct ScanOutcome {
 }
 
 const SCAN_CHUNK_BYTES: usize = 1 << 20;
-
-/// Segment files grow by fallocate in steps of this many bytes.
-pub(crate) const PREALLOCATE_BYTES: u64 = 8 << 20;
 
 /// Reads a segment from `start` to its end and calls `visit` for every valid
 /// record (pads included) with its offset and raw bytes.

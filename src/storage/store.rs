@@ -79,6 +79,9 @@ pub struct StorageStats {
     pub recovery_corrupt_records: u64,
     pub keys: u64,
     pub index_overhead_bytes: u64,
+    /// Bytes of data in segment files (headers, records, pads), excluding
+    /// preallocated space.
+    pub segment_data_bytes: u64,
     pub buffered_bytes: u64,
 }
 
@@ -699,6 +702,8 @@ impl<D: Disk> ShardStore<D> {
         stats.keys = st.partitions.values().map(|p| p.index.len() as u64).sum();
         stats.index_overhead_bytes = st.partitions.values().map(|p| p.index.overhead_bytes() as u64).sum();
         stats.buffered_bytes = st.buffered_bytes as u64;
+        stats.segment_data_bytes =
+            st.partitions.values().flat_map(|p| p.segments.iter()).map(|(_, s)| s.data_end).sum();
         stats
     }
 
