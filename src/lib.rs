@@ -24,5 +24,6 @@
 //! 6. Wall-clock time never orders data.
 
 pub mod config;
+pub mod logic;
 pub mod runtime;
 pub mod storage;
