@@ -379,18 +379,18 @@ mod tests {
         let mut reads: [(Context, BTreeSet<String>); 2] = Default::default();
         let mut written = BTreeSet::new();
         for round in 0..100 {
-            for client in 0..2 {
+            for read in reads.iter_mut() {
                 // Read (both clients read before either writes: interleaving).
                 let set = stored.clone().unwrap_or_default();
-                reads[client] = (set.join(), set.values().flat_map(|s| decode_items(&s.value)).collect());
+                *read = (set.join(), set.values().flat_map(|s| decode_items(&s.value)).collect());
             }
-            for client in 0..2 {
+            for (client, (context, seen)) in reads.iter().enumerate() {
                 let item = format!("c{client}-r{round}");
                 written.insert(item.clone());
-                let mut items = reads[client].1.clone();
+                let mut items = seen.clone();
                 items.insert(item);
                 let value = Sibling { value: encode_items(&items), tombstone: false, written_ms: 0 };
-                stored = Some(VersionSet::write(stored.as_ref(), &reads[client].0, value, 42));
+                stored = Some(VersionSet::write(stored.as_ref(), context, value, 42));
                 assert!(stored.as_ref().unwrap().len() <= 2, "sibling explosion at round {round}");
             }
         }
@@ -475,7 +475,9 @@ mod tests {
         h
     }
 
-    fn normalized(s: &VersionSet) -> (Vec<(Actor, u64, Vec<Sibling>)>, BTreeSet<Vec<u8>>) {
+    type Normalized = (Vec<(Actor, u64, Vec<Sibling>)>, BTreeSet<Vec<u8>>);
+
+    fn normalized(s: &VersionSet) -> Normalized {
         (
             s.entries.iter().map(|e| (e.actor, e.counter, e.values.clone())).collect(),
             s.anonymous.iter().map(|v| v.value.clone()).collect(),
