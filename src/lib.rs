@@ -25,5 +25,6 @@
 
 pub mod config;
 pub mod logic;
+pub mod protocol;
 pub mod runtime;
 pub mod storage;
