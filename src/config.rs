@@ -72,10 +72,10 @@ impl Default for StorageConfig {
             write_buffer_bytes_max: 64 << 20,
             commit_log_file_bytes: 64 << 20,
             commit_log_files_max: 4,
-            commit_batch_bytes_max: 4 << 20,
+            commit_batch_bytes_max: 32 << 20,
             read_cache_bytes: 64 << 20,
             key_bytes_max: 4096,
-            value_bytes_max: 1 << 20,
+            value_bytes_max: 16 << 20,
             compaction_dead_ratio: 0.5,
             compaction_inputs_max: 16,
             disk_full_retry_ms: 100,
@@ -87,12 +87,110 @@ impl Default for StorageConfig {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    pub node: NodeConfig,
     pub storage: StorageConfig,
 }
 
 impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.storage.validate()
+        self.node.validate()?;
+        self.storage.validate()?;
+        let node = &self.node;
+        require(node.value_bytes_max < self.storage.value_bytes_max, "node.value_bytes_max", || {
+            "must be below storage.value_bytes_max (a stored object holds a value plus its version data)".into()
+        })?;
+        require(self.storage.key_bytes_max <= crate::storage::format::KEY_BYTES_LIMIT, "storage.key_bytes_max", || {
+            "keys travel with a u16 length".into()
+        })
+    }
+
+    /// Largest request frame body a client may send.
+    pub fn request_body_bytes_max(&self) -> u32 {
+        let limit = self.node.value_bytes_max + self.storage.key_bytes_max + self.node.context_bytes_max + 64;
+        u32::try_from(limit.max(self.node.batch_bytes_max)).expect("limits are validated to be small")
+    }
+
+    /// Largest response frame body a node sends (a whole stored object).
+    pub fn response_body_bytes_max(&self) -> u32 {
+        u32::try_from(self.storage.value_bytes_max + (1 << 20)).expect("limits are validated to be small")
+    }
+}
+
+/// The node: where it listens, how many shards, client-facing limits.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    pub data_dir: std::path::PathBuf,
+    pub listen_address: std::net::IpAddr,
+    /// Any shard accepts here; shard s also listens on client_port + 1 + s.
+    pub client_port: u16,
+    /// Redis-protocol port; 0 turns it off.
+    pub redis_port: u16,
+    /// Executors (one per core); 0 = one per available CPU.
+    pub shards: u32,
+    /// Q: fixed, equal partitions of the ring, chosen when the data
+    /// directory is created (a power of two).
+    pub partition_count: u32,
+    /// Client write path: largest value.
+    pub value_bytes_max: usize,
+    /// Client write path: a write that would leave more siblings is refused.
+    pub siblings_max: usize,
+    pub context_bytes_max: usize,
+    /// Largest BATCH request body.
+    pub batch_bytes_max: usize,
+    pub connections_max_per_shard: usize,
+    /// A connection that stops mid-frame for this long is closed.
+    pub read_timeout_ms: u64,
+    /// On SIGTERM/SIGINT: how long in-flight requests get to finish.
+    pub drain_timeout_ms: u64,
+    /// Per shard: memory glommio registers with io_uring (counts against
+    /// `ulimit -l`; allocations beyond it come from the heap).
+    pub io_memory_bytes: usize,
+    /// Busy-poll this long before an idle shard sleeps (lower latency, more CPU).
+    pub spin_before_park_us: u64,
+    /// Bounded queue of request batches into each shard from the others.
+    pub peer_queue_batches: usize,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: "ringkv-data".into(),
+            listen_address: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            client_port: 7700,
+            redis_port: 6380,
+            shards: 0,
+            partition_count: 256,
+            value_bytes_max: 1 << 20,
+            siblings_max: 16,
+            context_bytes_max: 64 << 10,
+            batch_bytes_max: 4 << 20,
+            connections_max_per_shard: 1024,
+            read_timeout_ms: 10_000,
+            drain_timeout_ms: 5_000,
+            io_memory_bytes: 1 << 20,
+            spin_before_park_us: 0,
+            peer_queue_batches: 256,
+        }
+    }
+}
+
+impl NodeConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        require(
+            self.partition_count.is_power_of_two() && self.partition_count <= 1 << 16,
+            "node.partition_count",
+            || "must be a power of two, at most 65536".into(),
+        )?;
+        require(self.shards <= 256, "node.shards", || "at most 256".into())?;
+        require(self.client_port != 0, "node.client_port", || "must be set".into())?;
+        require(self.siblings_max >= 1, "node.siblings_max", || "must be at least 1".into())?;
+        require(self.connections_max_per_shard >= 1, "node.connections_max_per_shard", || "must be at least 1".into())?;
+        require(self.peer_queue_batches >= 1, "node.peer_queue_batches", || "must be at least 1".into())?;
+        require(self.read_timeout_ms >= 1, "node.read_timeout_ms", || "must be at least 1".into())?;
+        require(self.value_bytes_max >= 1 && self.value_bytes_max <= 64 << 20, "node.value_bytes_max", || {
+            "must be 1..=64 MiB".into()
+        })
     }
 }
 
@@ -132,9 +230,9 @@ impl StorageConfig {
         )?;
         require(
             self.segment_bytes <= SEGMENT_BYTES_LIMIT
-                && self.segment_bytes >= FILE_HEADER_BYTES as u64 + 2 * record_max + 2 * block,
+                && self.segment_bytes >= FILE_HEADER_BYTES as u64 + record_max + 2 * block,
             "segment_bytes",
-            || format!("must hold two largest records ({record_max} bytes each) and be at most {SEGMENT_BYTES_LIMIT}"),
+            || format!("must hold the largest record ({record_max} bytes) and be at most {SEGMENT_BYTES_LIMIT}"),
         )?;
         require(
             self.commit_batch_bytes_max as u64 >= record_max + 2 * block
@@ -157,9 +255,9 @@ impl StorageConfig {
             "must be at least 2 (one written, one being checkpointed)".into()
         })?;
         require(
-            self.write_buffer_bytes_max as u64 >= 2 * record_max + self.segment_write_bytes as u64,
+            self.write_buffer_bytes_max as u64 >= record_max + self.segment_write_bytes as u64,
             "write_buffer_bytes_max",
-            || "must hold one partition write unit and two largest records".into(),
+            || "must hold one partition write unit and the largest record".into(),
         )?;
         require(
             self.compaction_dead_ratio > 0.0 && self.compaction_dead_ratio <= 1.0,

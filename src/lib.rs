@@ -23,8 +23,13 @@
 //!    (each recovery starts a new epoch).
 //! 6. Wall-clock time never orders data.
 
+pub mod client;
 pub mod config;
 pub mod logic;
+pub mod node;
 pub mod protocol;
+pub mod redis;
 pub mod runtime;
+pub mod server;
+pub mod shard;
 pub mod storage;

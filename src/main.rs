@@ -1,6 +1,233 @@
-//! The `ringkv` command line.
+//! The `ringkv` command line: run a node, and talk to one.
 
-fn main() {
-    eprintln!("ringkv: the node is not built yet; see README.md");
-    std::process::exit(2);
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use ringkv::client::{from_hex, to_hex, Client, ClientOptions};
+use ringkv::config::{Config, SyncMode};
+
+#[derive(Parser)]
+#[command(name = "ringkv", version, about = "A Dynamo-style, highly available key-value store", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Sync {
+    Group,
+    Interval,
+    None,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node (with no flags: a single node on 127.0.0.1:7700, Redis
+    /// protocol on 6380, data in ./ringkv-data, sync mode `group`).
+    Serve {
+        /// TOML configuration (see tuning/default.toml); flags override it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Executors, one per core (0 = every CPU).
+        #[arg(long)]
+        shards: Option<u32>,
+        #[arg(long)]
+        listen: Option<std::net::IpAddr>,
+        #[arg(long)]
+        client_port: Option<u16>,
+        /// Redis-protocol port (0 = off).
+        #[arg(long)]
+        redis_port: Option<u16>,
+        /// Ring size Q (power of two), fixed when the data directory is created.
+        #[arg(long)]
+        partitions: Option<u32>,
+        /// When writes are acknowledged: after fdatasync of their batch
+        /// (group), at once with a periodic fdatasync (interval), or at once
+        /// with no commit log (none).
+        #[arg(long, value_enum)]
+        sync: Option<Sync>,
+        /// Per-shard value cache, in MiB.
+        #[arg(long)]
+        cache_mib: Option<usize>,
+    },
+    /// Read a key: every live sibling and the causal context.
+    Get {
+        key: String,
+        #[arg(long, default_value = "127.0.0.1:7700")]
+        node: SocketAddr,
+    },
+    /// Write a key. With --context (from `get`) the write supersedes what was
+    /// read; without, it adds a sibling next to whatever is there.
+    Put {
+        key: String,
+        value: String,
+        #[arg(long)]
+        context: Option<String>,
+        #[arg(long, default_value = "127.0.0.1:7700")]
+        node: SocketAddr,
+    },
+    /// Delete what --context covers (from `get`). Without --context the key
+    /// is read first and everything read is deleted.
+    Del {
+        key: String,
+        #[arg(long)]
+        context: Option<String>,
+        #[arg(long, default_value = "127.0.0.1:7700")]
+        node: SocketAddr,
+    },
+    /// Administration.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Node identity, layout and per-shard state.
+    Status {
+        #[arg(long, default_value = "127.0.0.1:7700")]
+        node: SocketAddr,
+    },
+}
+
+fn load_config(path: Option<&PathBuf>) -> Result<Config, String> {
+    let Some(path) = path else { return Ok(Config::default()) };
+    let text = std::fs::read_to_string(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn client(node: SocketAddr) -> Result<Client, String> {
+    Client::connect(node, ClientOptions { timeout: Duration::from_secs(5), ..ClientOptions::default() })
+        .map_err(|e| format!("{e} (is a node running? start one with `ringkv serve`)"))
+}
+
+fn show(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => s.to_string(),
+        Err(_) => format!("0x{}", to_hex(bytes)),
+    }
+}
+
+fn context_arg(context: Option<&String>) -> Result<Option<Vec<u8>>, String> {
+    context
+        .map(|c| from_hex(c).ok_or_else(|| "--context must be the hex string `ringkv get` printed".to_string()))
+        .transpose()
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    match cli.command {
+        Command::Serve { config, data_dir, shards, listen, client_port, redis_port, partitions, sync, cache_mib } => {
+            let mut config = load_config(config.as_ref())?;
+            if let Some(v) = data_dir {
+                config.node.data_dir = v;
+            }
+            if let Some(v) = shards {
+                config.node.shards = v;
+            }
+            if let Some(v) = listen {
+                config.node.listen_address = v;
+            }
+            if let Some(v) = client_port {
+                config.node.client_port = v;
+            }
+            if let Some(v) = redis_port {
+                config.node.redis_port = v;
+            }
+            if let Some(v) = partitions {
+                config.node.partition_count = v;
+            }
+            if let Some(v) = sync {
+                config.storage.sync_mode = match v {
+                    Sync::Group => SyncMode::Group,
+                    Sync::Interval => SyncMode::Interval,
+                    Sync::None => SyncMode::None,
+                };
+            }
+            if let Some(v) = cache_mib {
+                config.storage.read_cache_bytes = v << 20;
+            }
+            ringkv::node::serve(config).map_err(|e| e.to_string())
+        }
+        Command::Get { key, node } => {
+            let client = client(node)?;
+            let got = futures::executor::block_on(client.get(key.as_bytes())).map_err(|e| e.to_string())?;
+            match got {
+                None => {
+                    let context =
+                        futures::executor::block_on(client.context(key.as_bytes())).map_err(|e| e.to_string())?;
+                    println!("not found");
+                    println!("context: {}", to_hex(&context));
+                }
+                Some(v) => {
+                    println!("siblings: {}", v.siblings.len());
+                    for (i, s) in v.siblings.iter().enumerate() {
+                        println!("  [{}] {}", i + 1, show(s));
+                    }
+                    println!("context: {}", to_hex(&v.context));
+                }
+            }
+            Ok(())
+        }
+        Command::Put { key, value, context, node } => {
+            let context = context_arg(context.as_ref())?;
+            let client = client(node)?;
+            let new = futures::executor::block_on(client.put(key.as_bytes(), value.as_bytes(), context.as_deref()))
+                .map_err(|e| e.to_string())?;
+            println!("ok");
+            println!("context: {}", to_hex(&new));
+            Ok(())
+        }
+        Command::Del { key, context, node } => {
+            let client = client(node)?;
+            let context = match context_arg(context.as_ref())? {
+                Some(c) => c,
+                None => futures::executor::block_on(client.context(key.as_bytes())).map_err(|e| e.to_string())?,
+            };
+            let new =
+                futures::executor::block_on(client.delete(key.as_bytes(), &context)).map_err(|e| e.to_string())?;
+            println!("deleted");
+            println!("context: {}", to_hex(&new));
+            Ok(())
+        }
+        Command::Admin { command: AdminCommand::Status { node } } => {
+            let client = client(node)?;
+            for shard in 0..client.node().shard_count {
+                // Ask each shard on its own port for its part of the report.
+                let port = client.node().client_port + 1 + shard as u16;
+                let per_shard = Client::connect(SocketAddr::new(node.ip(), port), ClientOptions::default())
+                    .and_then(|c| futures::executor::block_on(c.status()))
+                    .map_err(|e| format!("shard {shard}: {e}"))?;
+                if shard == 0 {
+                    print!("{}", per_shard.report);
+                } else if let Some(line) = per_shard.report.lines().find(|l| l.starts_with("shard ")) {
+                    println!("{line}");
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let (writer, _guard) = tracing_appender::non_blocking(std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_writer(writer)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("ringkv: error: {message}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -24,8 +24,8 @@ use futures::FutureExt;
 
 use super::disk::{is_no_space, Disk, DiskBuffer, DiskFile, OpenMode};
 use super::format::{
-    encode_pad, pad_len, parse_header, CommitLogHeader, RecordKind, RecordView, BLOCK_BYTES, FILE_HEADER_BYTES,
-    RECORD_HEADER_BYTES,
+    align_up, encode_pad, pad_len, parse_header, CommitLogHeader, RecordKind, RecordView, BLOCK_BYTES,
+    FILE_HEADER_BYTES, RECORD_HEADER_BYTES,
 };
 use super::segment::{scan_file, ScanMode};
 use super::store::{apply, Inner};
@@ -68,7 +68,18 @@ impl<D: Disk> Batch<D> {
         if self.records == 0 {
             self.first_lsn = lsn;
         }
-        let buffer = self.buffer.get_or_insert_with(|| disk.alloc_buffer(config.commit_batch_bytes_max));
+        // The buffer grows with the batch (most batches are small; the
+        // maximum only bounds how large one can get).
+        let capacity = self.buffer.as_ref().map_or(0, |b| b.len());
+        if self.len + len > capacity {
+            let wanted = (capacity * 2).max(self.len + len + 2 * BLOCK_BYTES).max(1 << 20);
+            let mut grown = disk.alloc_buffer(align_up(wanted.min(config.commit_batch_bytes_max), BLOCK_BYTES));
+            if let Some(old) = &self.buffer {
+                grown.as_bytes_mut()[..self.len].copy_from_slice(&old.as_bytes()[..self.len]);
+            }
+            self.buffer = Some(grown);
+        }
+        let buffer = self.buffer.as_mut().expect("allocated above");
         let at = self.len;
         fill(&mut buffer.as_bytes_mut()[at..at + len]);
         self.len += len;

@@ -20,7 +20,7 @@ pub mod recovery;
 pub mod segment;
 pub mod sim_disk;
 pub mod store;
-pub(crate) mod sync;
+pub mod sync;
 
 use std::fmt;
 use std::io;

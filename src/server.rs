@@ -1,0 +1,347 @@
+//! Network front ends of a shard: accept loops (with a connection cap) and
+//! the native protocol's connection handler.
+//!
+//! A connection is served in turns: read what has arrived, parse every
+//! complete frame, route each operation to its owning shard (`Dispatch`:
+//! one batch per shard), then write every reply with one send. Malformed
+//! frames, wrong magic or version, an oversize frame, key or value, or an
+//! unknown opcode get an error reply and the connection is closed; the
+//! shard keeps serving everyone else. A connection that stops mid-frame for
+//! `read_timeout_ms` is closed; idle connections between frames are kept.
+
+use std::future::poll_fn;
+use std::rc::Rc;
+use std::task::Poll;
+use std::time::Duration;
+
+use futures::{AsyncReadExt, AsyncWriteExt, FutureExt};
+use glommio::net::{TcpListener, TcpStream};
+
+use crate::protocol::frame::{self, FrameError, Opcode, Status, HEADER_BYTES};
+use crate::protocol::messages::{batch, decode_request, Request};
+use crate::shard::{client_opcode_allowed, Dispatch, Shard};
+
+/// Which protocol a listener speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Native,
+    Redis,
+}
+
+/// Counts a connection for as long as it lives.
+pub struct ConnectionGuard(Rc<Shard>);
+
+impl ConnectionGuard {
+    pub fn new(shard: &Rc<Shard>) -> Self {
+        shard.connections.set(shard.connections.get() + 1);
+        Self(shard.clone())
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.connections.set(self.0.connections.get() - 1);
+        self.0.connection_closed.notify();
+    }
+}
+
+/// Accepts connections until the shard stops.
+pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, protocol: Protocol) {
+    loop {
+        let stop = shard.stop.listen();
+        if shard.stopping.get() {
+            return;
+        }
+        let mut accept = Box::pin(listener.accept());
+        let mut stop = stop;
+        let accepted = poll_fn(|cx| {
+            if stop.poll_unpin(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+            accept.poll_unpin(cx).map(Some)
+        })
+        .await;
+        let stream = match accepted {
+            None => return,
+            Some(Ok(stream)) => stream,
+            Some(Err(e)) => {
+                // EMFILE and friends: back off briefly rather than spin.
+                tracing::warn!(shard = shard.index, error = %e, "accept failed");
+                crate::runtime::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        if shard.connections.get() >= shard.config.node.connections_max_per_shard {
+            shard.stats.borrow_mut().connections_refused += 1;
+            crate::runtime::spawn_detached(refuse(stream, protocol));
+            continue;
+        }
+        let guard = ConnectionGuard::new(&shard);
+        let shard = shard.clone();
+        crate::runtime::spawn_detached(async move {
+            let _guard = guard;
+            let _ = stream.set_nodelay(true);
+            match protocol {
+                Protocol::Native => serve_native(shard, stream).await,
+                Protocol::Redis => crate::redis::serve_redis(shard, stream).await,
+            }
+        });
+    }
+}
+
+/// Tells one connection too many why it is closed.
+async fn refuse(mut stream: TcpStream, protocol: Protocol) {
+    let mut out = Vec::new();
+    let message = "too many connections to this shard";
+    match protocol {
+        Protocol::Native => {
+            frame::encode_response_with(&mut out, 0, Status::Overloaded, 0, |o| o.extend_from_slice(message.as_bytes()))
+        }
+        Protocol::Redis => {
+            crate::protocol::resp::error(&mut out, &format!("ERR max number of clients reached ({message})"))
+        }
+    }
+    let _ = stream.write_all(&out).await;
+    let _ = stream.close().await;
+}
+
+/// A receive buffer: bytes `start..end` of `buf` are unparsed input.
+pub struct ReadBuffer {
+    pub buf: Vec<u8>,
+    pub start: usize,
+    pub end: usize,
+}
+
+pub enum ReadOutcome {
+    Data,
+    Closed,
+    TimedOut,
+    Stopped,
+    Failed,
+}
+
+impl ReadBuffer {
+    pub fn new() -> Self {
+        Self { buf: vec![0; 64 << 10], start: 0, end: 0 }
+    }
+
+    pub fn data(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    pub fn consume(&mut self, n: usize) {
+        self.start += n;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Makes room for at least `want` more bytes of one message (bounded by
+    /// the caller's limits), moving unparsed bytes to the front.
+    fn make_room(&mut self, want: usize) {
+        if self.start > 0 && (self.buf.len() - self.end < want.min(4096) || self.end == self.buf.len()) {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        let needed = self.end + want.max(1);
+        if needed > self.buf.len() {
+            self.buf.resize(needed.next_power_of_two(), 0);
+        }
+    }
+
+    /// Reads whatever arrives (at least one byte), or says why not.
+    /// `needed`: bytes the current partial message still needs, if known.
+    pub async fn fill(&mut self, stream: &mut TcpStream, shard: &Shard, needed: usize) -> ReadOutcome {
+        let partial = self.end > self.start;
+        let timeout = partial.then(|| Duration::from_millis(shard.config.node.read_timeout_ms));
+        let _ = stream.set_read_timeout(timeout);
+        self.make_room(needed.max(4096));
+        let stop = shard.stop.listen();
+        if shard.stopping.get() {
+            return ReadOutcome::Stopped;
+        }
+        let end = self.end;
+        let mut stop = stop;
+        let mut read = Box::pin(stream.read(&mut self.buf[end..]));
+        let result = poll_fn(|cx| {
+            if stop.poll_unpin(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+            read.poll_unpin(cx).map(Some)
+        })
+        .await;
+        drop(read);
+        match result {
+            None => ReadOutcome::Stopped,
+            Some(Ok(0)) => ReadOutcome::Closed,
+            Some(Ok(n)) => {
+                self.end += n;
+                ReadOutcome::Data
+            }
+            Some(Err(e)) if e.kind() == std::io::ErrorKind::TimedOut => ReadOutcome::TimedOut,
+            Some(Err(_)) => ReadOutcome::Failed,
+        }
+    }
+}
+
+impl Default for ReadBuffer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What each frame of a turn expects back.
+enum Pending {
+    /// One operation: its index in the dispatch.
+    Single { request_id: u64, opcode: u8, op: usize },
+    /// A BATCH frame: `count` operations from `first`.
+    Batch { request_id: u64, first: usize, count: usize },
+}
+
+/// Why a turn ends the connection, with the reply to send first.
+struct Fatal {
+    request_id: u64,
+    opcode: u8,
+    status: Status,
+    message: String,
+}
+
+fn route(shard: &Shard, request: &Request<'_>) -> u32 {
+    match request {
+        Request::Get { key } | Request::Put { key, .. } | Request::Delete { key, .. } => shard.owner(key),
+        _ => shard.index,
+    }
+}
+
+/// Classifies one frame into the turn, or says why the connection ends.
+fn admit(
+    shard: &Shard,
+    header: &frame::Header,
+    body: &[u8],
+    dispatch: &mut Dispatch,
+    sub_opcodes: &mut Vec<u8>,
+    pending: &mut Vec<Pending>,
+) -> Result<(), Fatal> {
+    let fatal =
+        |status, message: String| Fatal { request_id: header.request_id, opcode: header.opcode, status, message };
+    if header.is_response() {
+        return Err(fatal(Status::BadRequest, "a response frame where a request was expected".into()));
+    }
+    if !client_opcode_allowed(header.opcode) {
+        return Err(fatal(Status::UnknownOpcode, format!("unknown opcode {}", header.opcode)));
+    }
+    let request = decode_request(header.opcode, body).map_err(|e| fatal(e.status(), e.message()))?;
+    if let Request::Batch(entries) = request {
+        let first = dispatch.len();
+        for entry in batch::requests(entries) {
+            let (opcode, sub_body) = entry.map_err(|e| fatal(e.status(), e.message()))?;
+            if !client_opcode_allowed(opcode) || opcode == Opcode::Batch as u8 {
+                return Err(fatal(Status::UnknownOpcode, format!("opcode {opcode} is not allowed in a batch")));
+            }
+            let sub = decode_request(opcode, sub_body).map_err(|e| fatal(e.status(), e.message()))?;
+            dispatch.push(route(shard, &sub), opcode, |o| o.extend_from_slice(sub_body));
+            sub_opcodes.push(opcode);
+        }
+        pending.push(Pending::Batch { request_id: header.request_id, first, count: dispatch.len() - first });
+    } else {
+        let op = dispatch.len();
+        dispatch.push(route(shard, &request), header.opcode, |o| o.extend_from_slice(body));
+        sub_opcodes.push(header.opcode);
+        pending.push(Pending::Single { request_id: header.request_id, opcode: header.opcode, op });
+    }
+    Ok(())
+}
+
+/// Statuses after which the stream is not trusted (the "bad input").
+fn ends_connection(status: Status) -> bool {
+    status.closes_connection() || matches!(status, Status::KeyTooLarge | Status::ValueTooLarge)
+}
+
+pub async fn serve_native(shard: Rc<Shard>, mut stream: TcpStream) {
+    let limit = shard.config.request_body_bytes_max();
+    let mut input = ReadBuffer::new();
+    let mut out = Vec::with_capacity(64 << 10);
+    let mut dispatch = Dispatch::new(shard.shard_count);
+    let mut sub_opcodes = Vec::new();
+    let mut pending = Vec::new();
+    loop {
+        // Parse every complete frame already received.
+        let mut fatal = None;
+        let mut needed = HEADER_BYTES;
+        loop {
+            match frame::decode(input.data(), limit) {
+                Ok(Some((header, body, used))) => {
+                    if let Err(f) = admit(&shard, &header, body, &mut dispatch, &mut sub_opcodes, &mut pending) {
+                        fatal = Some(f);
+                        break;
+                    }
+                    input.consume(used);
+                }
+                Ok(None) => {
+                    let data = input.data();
+                    if data.len() >= HEADER_BYTES {
+                        let body = u32::from_le_bytes(data[16..20].try_into().expect("4")) as usize;
+                        needed = HEADER_BYTES + body - data.len();
+                    }
+                    break;
+                }
+                Err(e) => {
+                    fatal = Some(frame_fatal(&e));
+                    break;
+                }
+            }
+        }
+        if !dispatch.is_empty() {
+            dispatch.run(&shard).await;
+        }
+        let mut close = fatal.is_some();
+        for p in pending.drain(..) {
+            match p {
+                Pending::Single { request_id, opcode, op } => {
+                    let (status, body) = dispatch.reply(op);
+                    close |= ends_connection(status);
+                    frame::encode_response_with(&mut out, opcode, status, request_id, |o| o.extend_from_slice(body));
+                }
+                Pending::Batch { request_id, first, count } => {
+                    frame::encode_response_with(&mut out, Opcode::Batch as u8, Status::Ok, request_id, |o| {
+                        for (op, &opcode) in sub_opcodes.iter().enumerate().skip(first).take(count) {
+                            let (status, body) = dispatch.reply(op);
+                            batch::push_response_with(o, opcode, status as u8, |b| b.extend_from_slice(body));
+                        }
+                    });
+                }
+            }
+        }
+        if let Some(f) = fatal {
+            frame::encode_response_with(&mut out, f.opcode, f.status, f.request_id, |o| {
+                o.extend_from_slice(f.message.as_bytes())
+            });
+        }
+        dispatch.clear();
+        sub_opcodes.clear();
+        if !out.is_empty() {
+            if stream.write_all(&out).await.is_err() {
+                return;
+            }
+            out.clear();
+        }
+        if close {
+            let _ = stream.close().await;
+            return;
+        }
+        match input.fill(&mut stream, &shard, needed).await {
+            ReadOutcome::Data => {}
+            ReadOutcome::TimedOut => {
+                tracing::debug!(shard = shard.index, "connection stalled mid-frame; closed");
+                return;
+            }
+            ReadOutcome::Closed | ReadOutcome::Stopped | ReadOutcome::Failed => return,
+        }
+    }
+}
+
+fn frame_fatal(e: &FrameError) -> Fatal {
+    Fatal { request_id: 0, opcode: 0, status: e.status(), message: e.to_string() }
+}

@@ -1,0 +1,494 @@
+//! One shard (core): executes requests for the partitions it owns, routes
+//! the others to their owners in batches, and serves batches sent by other
+//! shards. Everything here runs on the shard's own executor.
+//!
+//! A write is a read-modify-write of the key's version set (DVVSet): read
+//! the stored set, apply the write with its causal context and a new dot of
+//! this node's actor, store the result. Writes to one key are serialized by
+//! a striped lock held until the write is durable (per the sync mode), so a
+//! second writer always reads the first one's result.
+//!
+//! Routing works in turns: a connection parses everything it has received,
+//! and `Dispatch` groups the operations by owning shard: one batch runs
+//! here, every other one travels as one message over a bounded channel (so
+//! a cross-core hop is paid per batch, not per request), and the replies
+//! come back in request order.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+
+use futures::channel::oneshot;
+
+use crate::config::Config;
+use crate::logic::dvv::{encoding, Actor, Context, Sibling, VersionSet};
+use crate::logic::ring::{partition_of, shard_of};
+use crate::protocol::frame::{Opcode, Status};
+use crate::protocol::messages::{batch, decode_request, NodeStatus, Request};
+use crate::runtime::DmaDisk;
+use crate::storage::sync::Notify;
+use crate::storage::{ShardStore, StorageError};
+
+/// Peer-only operations (the Redis port's semantics); refused from clients.
+pub mod internal {
+    /// key_len u16 | key | value: a write superseding every version this
+    /// node holds (Redis SET).
+    pub const OVERWRITE: u8 = 0x80;
+    /// key: a tombstone superseding every version this node holds (Redis
+    /// DEL); the reply body is one byte, 1 if a live value was deleted.
+    pub const DELETE_ALL: u8 = 0x81;
+    /// key: the last-written sibling's value (Redis GET).
+    pub const GET_LATEST: u8 = 0x82;
+    /// key: Ok if a live value exists (Redis EXISTS).
+    pub const EXISTS: u8 = 0x83;
+
+    pub fn is_internal(opcode: u8) -> bool {
+        opcode >= 0x80
+    }
+}
+
+/// A batch of requests from another shard, and where to send the replies.
+pub struct PeerMessage {
+    pub body: Vec<u8>,
+    pub reply: oneshot::Sender<Vec<u8>>,
+}
+
+const LOCK_STRIPES: usize = 256;
+
+/// Counters of a shard's request handling.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ShardStats {
+    pub requests: u64,
+    pub forwarded_batches: u64,
+    pub connections_refused: u64,
+}
+
+pub struct Shard {
+    pub index: u32,
+    pub shard_count: u32,
+    pub partition_count: u32,
+    pub actor: Actor,
+    pub store: ShardStore<DmaDisk>,
+    pub config: Rc<Config>,
+    pub peers: Vec<async_channel::Sender<PeerMessage>>,
+    locks: Box<[futures::lock::Mutex<()>]>,
+    pub stats: RefCell<ShardStats>,
+    /// Set when the node is stopping: stop accepting and reading.
+    pub stopping: Cell<bool>,
+    pub stop: Notify,
+    pub connections: Cell<usize>,
+    pub connection_closed: Notify,
+    pub client_port: u16,
+    pub redis_port: u16,
+}
+
+fn status_of(error: &StorageError) -> Status {
+    match error {
+        StorageError::KeyTooLarge { .. } => Status::KeyTooLarge,
+        StorageError::ValueTooLarge { .. } => Status::ValueTooLarge,
+        StorageError::EmptyKey => Status::BadRequest,
+        StorageError::StorageFull { .. } => Status::StorageFull,
+        StorageError::Unhealthy { .. } | StorageError::Closed => Status::Unavailable,
+        _ => Status::Internal,
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// One operation's outcome: a status and a reply body.
+pub type Outcome = (Status, Vec<u8>);
+
+fn error(status: Status, message: impl Into<String>) -> Outcome {
+    (status, message.into().into_bytes())
+}
+
+impl Shard {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        index: u32,
+        shard_count: u32,
+        actor: Actor,
+        store: ShardStore<DmaDisk>,
+        config: Rc<Config>,
+        peers: Vec<async_channel::Sender<PeerMessage>>,
+        client_port: u16,
+        redis_port: u16,
+    ) -> Self {
+        Self {
+            index,
+            shard_count,
+            partition_count: config.node.partition_count,
+            actor,
+            store,
+            peers,
+            locks: (0..LOCK_STRIPES).map(|_| futures::lock::Mutex::new(())).collect(),
+            stats: RefCell::new(ShardStats::default()),
+            stopping: Cell::new(false),
+            stop: Notify::default(),
+            connections: Cell::new(0),
+            connection_closed: Notify::default(),
+            config,
+            client_port,
+            redis_port,
+        }
+    }
+
+    pub fn partition(&self, key: &[u8]) -> u32 {
+        partition_of(key, self.partition_count)
+    }
+
+    /// The shard of this node that owns `key`.
+    pub fn owner(&self, key: &[u8]) -> u32 {
+        shard_of(self.partition(key), self.shard_count)
+    }
+
+    fn check_key(&self, key: &[u8]) -> Result<(), Outcome> {
+        if key.is_empty() {
+            return Err(error(Status::BadRequest, "empty key"));
+        }
+        let limit = self.config.storage.key_bytes_max;
+        if key.len() > limit {
+            return Err(error(Status::KeyTooLarge, format!("key of {} bytes is over the limit of {limit}", key.len())));
+        }
+        Ok(())
+    }
+
+    async fn read_set(&self, partition: u32, key: &[u8]) -> Result<Option<VersionSet>, Outcome> {
+        match self.store.get(partition, key).await {
+            Ok(None) => Ok(None),
+            Ok(Some(bytes)) => encoding::decode(&bytes)
+                .map(Some)
+                .map_err(|e| error(Status::Internal, format!("stored version set unreadable: {e}"))),
+            Err(e) => Err(error(status_of(&e), e.to_string())),
+        }
+    }
+
+    /// Read-modify-write of a key's version set under its stripe lock.
+    /// `context` None means "supersede everything this node holds".
+    async fn write(&self, key: &[u8], context: Option<Context>, value: Sibling) -> Result<VersionSet, Outcome> {
+        self.check_key(key)?;
+        if !value.tombstone && value.value.len() > self.config.node.value_bytes_max {
+            let limit = self.config.node.value_bytes_max;
+            return Err(error(
+                Status::ValueTooLarge,
+                format!("value of {} bytes is over the limit of {limit}", value.value.len()),
+            ));
+        }
+        let partition = self.partition(key);
+        let stripe = (xxhash_rust::xxh3::xxh3_64(key) as usize) % LOCK_STRIPES;
+        let _guard = self.locks[stripe].lock().await;
+        let stored = self.read_set(partition, key).await?;
+        let context = context.unwrap_or_else(|| stored.as_ref().map(VersionSet::join).unwrap_or_default());
+        let next = VersionSet::write(stored.as_ref(), &context, value, self.actor);
+        if next.len() > self.config.node.siblings_max {
+            return Err(error(
+                Status::BadRequest,
+                format!("the write would leave {} siblings (limit {}): read the key and write back a resolved value with its context", next.len(), self.config.node.siblings_max),
+            ));
+        }
+        let bytes = encoding::encode(&next);
+        self.store.put(partition, key, &bytes).await.map_err(|e| error(status_of(&e), e.to_string()))?;
+        Ok(next)
+    }
+
+    /// Executes one operation owned by this shard.
+    pub async fn execute(&self, opcode: u8, body: &[u8]) -> Outcome {
+        self.stats.borrow_mut().requests += 1;
+        match opcode {
+            internal::OVERWRITE => {
+                let (key, value) = match split_key(body) {
+                    Some(kv) => kv,
+                    None => return error(Status::BadRequest, "malformed overwrite"),
+                };
+                let sibling = Sibling { value: value.to_vec(), tombstone: false, written_ms: now_ms() };
+                return match self.write(key, None, sibling).await {
+                    Ok(_) => (Status::Ok, Vec::new()),
+                    Err(e) => e,
+                };
+            }
+            internal::DELETE_ALL => {
+                if let Err(e) = self.check_key(body) {
+                    return e;
+                }
+                match self.read_set(self.partition(body), body).await {
+                    Ok(Some(set)) if !set.is_deleted() => {}
+                    Ok(_) => return (Status::Ok, vec![0]),
+                    Err(e) => return e,
+                }
+                let tombstone = Sibling { value: Vec::new(), tombstone: true, written_ms: now_ms() };
+                return match self.write(body, None, tombstone).await {
+                    Ok(_) => (Status::Ok, vec![1]),
+                    Err(e) => e,
+                };
+            }
+            internal::GET_LATEST | internal::EXISTS => {
+                if let Err(e) = self.check_key(body) {
+                    return e;
+                }
+                return match self.read_set(self.partition(body), body).await {
+                    Ok(Some(set)) => match set.last_written() {
+                        Some(s) if !s.tombstone => {
+                            (Status::Ok, if opcode == internal::EXISTS { Vec::new() } else { s.value.clone() })
+                        }
+                        _ => (Status::NotFound, Vec::new()),
+                    },
+                    Ok(None) => (Status::NotFound, Vec::new()),
+                    Err(e) => e,
+                };
+            }
+            _ => {}
+        }
+        let request = match decode_request(opcode, body) {
+            Ok(r) => r,
+            Err(e) => return error(e.status(), e.message()),
+        };
+        match request {
+            Request::Ping(b) => (Status::Ok, b.to_vec()),
+            Request::Status => {
+                let mut out = Vec::new();
+                self.node_status().encode(&mut out);
+                (Status::Ok, out)
+            }
+            Request::Get { key } => {
+                if let Err(e) = self.check_key(key) {
+                    return e;
+                }
+                let partition = self.partition(key);
+                match self.store.get(partition, key).await {
+                    Ok(None) => (Status::NotFound, Vec::new()),
+                    Ok(Some(bytes)) => match encoding::decode(&bytes) {
+                        // A deleted key reads as not found, with the context
+                        // a later write needs to supersede the tombstone.
+                        Ok(set) if set.is_deleted() => (Status::NotFound, set.join().encode()),
+                        Ok(_) => (Status::Ok, bytes.to_vec()),
+                        Err(e) => error(Status::Internal, format!("stored version set unreadable: {e}")),
+                    },
+                    Err(e) => error(status_of(&e), e.to_string()),
+                }
+            }
+            Request::Put { key, context, value } => {
+                let context = match self.context(context) {
+                    Ok(c) => c,
+                    Err(e) => return e,
+                };
+                let sibling = Sibling { value: value.to_vec(), tombstone: false, written_ms: now_ms() };
+                match self.write(key, Some(context), sibling).await {
+                    Ok(set) => (Status::Ok, set.join().encode()),
+                    Err(e) => e,
+                }
+            }
+            Request::Delete { key, context } => {
+                let context = match self.context(context) {
+                    Ok(c) => c,
+                    Err(e) => return e,
+                };
+                let tombstone = Sibling { value: Vec::new(), tombstone: true, written_ms: now_ms() };
+                match self.write(key, Some(context), tombstone).await {
+                    Ok(set) => (Status::Ok, set.join().encode()),
+                    Err(e) => e,
+                }
+            }
+            Request::Batch(_) => error(Status::BadRequest, "batches do not nest"),
+        }
+    }
+
+    fn context(&self, bytes: &[u8]) -> Result<Context, Outcome> {
+        let limit = self.config.node.context_bytes_max;
+        if bytes.len() > limit {
+            return Err(error(
+                Status::BadRequest,
+                format!("context of {} bytes is over the limit of {limit}", bytes.len()),
+            ));
+        }
+        Context::decode(bytes).ok_or_else(|| error(Status::BadRequest, "malformed context"))
+    }
+
+    pub fn node_status(&self) -> NodeStatus {
+        let stats = self.store.stats();
+        let report = format!(
+            "ringkv node\nactor: {:016x}\nshards: {}\npartitions: {}\nclient_port: {}\nredis_port: {}\nshard {}: keys {} puts {} gets {} health {:?}\n",
+            self.actor,
+            self.shard_count,
+            self.partition_count,
+            self.client_port,
+            self.redis_port,
+            self.index,
+            stats.keys,
+            stats.puts,
+            stats.gets,
+            self.store.health(),
+        );
+        NodeStatus {
+            shard_count: self.shard_count,
+            partition_count: self.partition_count,
+            client_port: self.client_port,
+            redis_port: self.redis_port,
+            actor: self.actor,
+            report,
+        }
+    }
+
+    /// Executes a batch of operations owned by this shard, concurrently (so
+    /// that group-mode writes share commit-log batches), replies in order.
+    pub async fn execute_batch(&self, body: &[u8]) -> Vec<u8> {
+        let mut ops = Vec::new();
+        for entry in batch::requests(body) {
+            match entry {
+                Ok(op) => ops.push(op),
+                Err(_) => break,
+            }
+        }
+        let outcomes = futures::future::join_all(ops.iter().map(|(opcode, body)| self.execute(*opcode, body))).await;
+        let mut out = Vec::with_capacity(outcomes.iter().map(|(_, b)| b.len() + 6).sum());
+        for ((opcode, _), (status, reply)) in ops.iter().zip(outcomes) {
+            batch::push_response_with(&mut out, *opcode, status as u8, |o| o.extend_from_slice(&reply));
+        }
+        out
+    }
+
+    /// Runs a batch on shard `target` (here, or one hop away).
+    pub async fn run_batch(&self, target: u32, body: Vec<u8>) -> Result<Vec<u8>, Status> {
+        if target == self.index {
+            return Ok(self.execute_batch(&body).await);
+        }
+        self.stats.borrow_mut().forwarded_batches += 1;
+        let (reply, response) = oneshot::channel();
+        self.peers[target as usize].send(PeerMessage { body, reply }).await.map_err(|_| Status::Unavailable)?;
+        response.await.map_err(|_| Status::Unavailable)
+    }
+}
+
+/// key_len u16 | key | rest.
+pub fn split_key(body: &[u8]) -> Option<(&[u8], &[u8])> {
+    let len = usize::from(u16::from_le_bytes(body.get(..2)?.try_into().ok()?));
+    let key = body.get(2..2 + len)?;
+    Some((key, &body[2 + len..]))
+}
+
+pub fn push_key_value(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
+    out.extend_from_slice(&(key.len() as u16).to_le_bytes());
+    out.extend_from_slice(key);
+    out.extend_from_slice(value);
+}
+
+/// Serves batches sent by other shards until the channel closes.
+pub async fn serve_peers(shard: Rc<Shard>, inbound: async_channel::Receiver<PeerMessage>) {
+    while let Ok(PeerMessage { body, reply }) = inbound.recv().await {
+        let shard = shard.clone();
+        crate::runtime::spawn_detached(async move {
+            let out = shard.execute_batch(&body).await;
+            let _ = reply.send(out);
+        });
+    }
+}
+
+/// Groups a turn's operations by owning shard, runs the groups (one hop per
+/// remote group, all concurrently), and gives the replies back in order.
+pub struct Dispatch {
+    batches: Vec<Vec<u8>>,
+    /// Target shard of each operation, in order.
+    targets: Vec<u32>,
+    /// Per operation: status and reply range into `responses[target]`.
+    replies: Vec<(u8, u32, std::ops::Range<usize>)>,
+    responses: Vec<Vec<u8>>,
+}
+
+impl Dispatch {
+    pub fn new(shard_count: u32) -> Self {
+        Self {
+            batches: vec![Vec::new(); shard_count as usize],
+            targets: Vec::new(),
+            replies: Vec::new(),
+            responses: vec![Vec::new(); shard_count as usize],
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.targets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.targets.is_empty()
+    }
+
+    /// Adds an operation for `target`; `body` writes its request body.
+    pub fn push(&mut self, target: u32, opcode: u8, body: impl FnOnce(&mut Vec<u8>)) {
+        let out = &mut self.batches[target as usize];
+        out.push(opcode);
+        let len_at = out.len();
+        out.extend_from_slice(&[0; 4]);
+        body(out);
+        let len = (out.len() - len_at - 4) as u32;
+        out[len_at..len_at + 4].copy_from_slice(&len.to_le_bytes());
+        self.targets.push(target);
+    }
+
+    /// Runs every group; afterwards `reply(i)` gives operation i's outcome.
+    pub async fn run(&mut self, shard: &Shard) {
+        let groups: Vec<(u32, Vec<u8>)> = self
+            .batches
+            .iter_mut()
+            .enumerate()
+            .filter(|(_, b)| !b.is_empty())
+            .map(|(t, b)| (t as u32, std::mem::take(b)))
+            .collect();
+        let results = futures::future::join_all(groups.into_iter().map(|(target, body)| async move {
+            let count = batch::requests(&body).count();
+            match shard.run_batch(target, body).await {
+                Ok(out) => (target, out),
+                Err(status) => {
+                    // The target could not be reached: every operation sent
+                    // there fails alike.
+                    let mut out = Vec::new();
+                    for _ in 0..count {
+                        batch::push_response_with(&mut out, 0, status as u8, |o| {
+                            o.extend_from_slice(b"shard unavailable")
+                        });
+                    }
+                    (target, out)
+                }
+            }
+        }))
+        .await;
+        for (target, out) in results {
+            self.responses[target as usize] = out;
+        }
+        let mut cursors = vec![0usize; self.responses.len()];
+        self.replies.clear();
+        for &target in &self.targets {
+            let t = target as usize;
+            let buf = &self.responses[t];
+            let at = cursors[t];
+            let (status, len) = if buf.len() >= at + 6 {
+                (buf[at + 1], u32::from_le_bytes(buf[at + 2..at + 6].try_into().expect("4")) as usize)
+            } else {
+                (Status::Internal as u8, 0)
+            };
+            let start = (at + 6).min(buf.len());
+            let end = (start + len).min(buf.len());
+            cursors[t] = end;
+            self.replies.push((status, target, start..end));
+        }
+    }
+
+    /// Operation i's status and reply body (after `run`).
+    pub fn reply(&self, i: usize) -> (Status, &[u8]) {
+        let (status, target, range) = &self.replies[i];
+        (Status::from_u8(*status).unwrap_or(Status::Internal), &self.responses[*target as usize][range.clone()])
+    }
+
+    /// Forgets the turn, keeping buffers for the next one.
+    pub fn clear(&mut self) {
+        for b in &mut self.batches {
+            b.clear();
+        }
+        self.targets.clear();
+        self.replies.clear();
+    }
+}
+
+/// The opcode a client frame may carry (internal ones are refused).
+pub fn client_opcode_allowed(opcode: u8) -> bool {
+    !internal::is_internal(opcode) && Opcode::from_u8(opcode).is_some()
+}
