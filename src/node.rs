@@ -107,9 +107,19 @@ pub fn ports(config: &Config, shards: u32) -> Vec<(u16, Protocol, Option<u32>)> 
 fn check_ports(address: IpAddr, ports: &[(u16, Protocol, Option<u32>)]) -> Result<(), NodeError> {
     for (port, _, _) in ports {
         let address = SocketAddr::new(address, *port);
-        std::net::TcpListener::bind(address).map_err(|source| NodeError::PortInUse { address, source })?;
+        probe_port(address).map_err(|source| NodeError::PortInUse { address, source })?;
     }
     Ok(())
+}
+
+/// Binds `address` with SO_REUSEADDR but without SO_REUSEPORT (then drops
+/// it): fails only if another socket is listening there, not because of
+/// lingering connections from an earlier run.
+fn probe_port(address: SocketAddr) -> std::io::Result<()> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(address), socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(1)
 }
 
 enum Event {
@@ -160,7 +170,7 @@ async fn shard_main(setup: ShardSetup) {
                 continue;
             }
             let address = SocketAddr::new(config.node.listen_address, port);
-            let listener = glommio::net::TcpListener::bind(address).map_err(|e| format!("binding {address}: {e}"))?;
+            let listener = crate::runtime::bind_listener(address).map_err(|e| format!("binding {address}: {e}"))?;
             listeners.push((listener, protocol));
         }
         Ok::<_, String>((store, background, listeners))

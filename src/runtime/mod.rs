@@ -50,3 +50,21 @@ pub fn tune_allocator() {
         libc::mallopt(libc::M_TRIM_THRESHOLD, 512 << 20);
     }
 }
+
+/// A listening socket for glommio with SO_REUSEADDR as well as
+/// SO_REUSEPORT. glommio's own `bind` sets only the latter; connections it
+/// accepts inherit that, and after a restart their lingering FIN_WAIT2
+/// sockets then conflict with binding the port again.
+pub fn bind_listener(address: std::net::SocketAddr) -> io::Result<glommio::net::TcpListener> {
+    use std::os::fd::IntoRawFd;
+    let domain = socket2::Domain::for_address(address);
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(1024)?;
+    let fd = socket.into_raw_fd();
+    // SAFETY: `fd` is a bound, listening TCP socket we own; glommio takes
+    // ownership of it.
+    Ok(unsafe { <glommio::net::TcpListener as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}

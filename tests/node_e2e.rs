@@ -1,0 +1,236 @@
+//! End to end on real nodes (one process each, on its own 127.0.0.x):
+//! versions through the client, the CLI and the Redis port; startup
+//! failures; graceful stop; identity.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use support::{block_on, cli, redis_cli, scratch, Node};
+
+#[test]
+fn client_puts_gets_deletes_with_siblings_and_contexts() {
+    let dir = scratch("e2e-client-");
+    let node = Node::start(&dir.path().join("data"), "127.0.0.11", &["--shards", "2"]);
+    let c = node.client();
+    assert_eq!(c.node().shard_count, 2);
+    block_on(async {
+        assert_eq!(c.get(b"k").await.unwrap(), None);
+        // Two blind writes through one node: both survive as siblings.
+        c.put(b"k", b"one", None).await.unwrap();
+        c.put(b"k", b"two", None).await.unwrap();
+        let read = c.get(b"k").await.unwrap().unwrap();
+        let siblings: BTreeSet<_> = read.siblings.iter().cloned().collect();
+        assert_eq!(siblings, [b"one".to_vec(), b"two".to_vec()].into());
+        // A write with that context supersedes exactly what was read.
+        c.put(b"k", b"other", None).await.unwrap(); // concurrent with the next one
+        c.put(b"k", b"resolved", Some(&read.context)).await.unwrap();
+        let after = c.get(b"k").await.unwrap().unwrap();
+        let siblings: BTreeSet<_> = after.siblings.iter().cloned().collect();
+        assert_eq!(siblings, [b"other".to_vec(), b"resolved".to_vec()].into());
+        // Delete with a context covering everything: not found.
+        c.delete(b"k", &after.context).await.unwrap();
+        assert_eq!(c.get(b"k").await.unwrap(), None);
+        // Writing with the not-found context supersedes the tombstone.
+        let context = c.context(b"k").await.unwrap();
+        c.put(b"k", b"reborn", Some(&context)).await.unwrap();
+        assert_eq!(c.get(b"k").await.unwrap().unwrap().siblings, vec![b"reborn".to_vec()]);
+        // Many keys across both shards.
+        for i in 0..200u32 {
+            c.put(format!("key-{i}").as_bytes(), format!("value-{i}").as_bytes(), None).await.unwrap();
+        }
+        for i in 0..200u32 {
+            let v = c.get(format!("key-{i}").as_bytes()).await.unwrap().unwrap();
+            assert_eq!(v.siblings, vec![format!("value-{i}").into_bytes()]);
+        }
+    });
+}
+
+/// riak_test's pattern through a real node: two clients interleave
+/// read-resolve-write on one key for 100 rounds.
+#[test]
+fn interleaved_read_resolve_write_keeps_at_most_two_siblings_and_every_write() {
+    let dir = scratch("e2e-interleave-");
+    let node = Node::start(&dir.path().join("data"), "127.0.0.12", &["--shards", "2"]);
+    let clients = [node.client(), node.client()];
+    let decode = |v: &[u8]| -> BTreeSet<String> {
+        String::from_utf8(v.to_vec()).unwrap().split(',').filter(|s| !s.is_empty()).map(String::from).collect()
+    };
+    let mut written = BTreeSet::new();
+    block_on(async {
+        for round in 0..100 {
+            let mut reads = Vec::new();
+            for c in &clients {
+                reads.push(c.get(b"shared").await.unwrap());
+            }
+            for (i, (c, read)) in clients.iter().zip(reads).enumerate() {
+                let mut items: BTreeSet<String> =
+                    read.as_ref().map(|r| r.siblings.iter().flat_map(|s| decode(s)).collect()).unwrap_or_default();
+                let item = format!("c{i}r{round}");
+                written.insert(item.clone());
+                items.insert(item);
+                let value = items.into_iter().collect::<Vec<_>>().join(",");
+                c.put(b"shared", value.as_bytes(), read.as_ref().map(|r| r.context.as_slice())).await.unwrap();
+                let now = c.get(b"shared").await.unwrap().unwrap();
+                assert!(now.siblings.len() <= 2, "sibling explosion at round {round}: {}", now.siblings.len());
+            }
+        }
+        let last = clients[0].get(b"shared").await.unwrap().unwrap();
+        let held: BTreeSet<String> = last.siblings.iter().flat_map(|s| decode(s)).collect();
+        assert_eq!(held, written, "a write was lost");
+    });
+}
+
+#[test]
+fn the_cli_puts_gets_and_deletes() {
+    let dir = scratch("e2e-cli-");
+    let node = Node::start(&dir.path().join("data"), "127.0.0.13", &["--shards", "2"]);
+    let addr = node.client_address().to_string();
+    let (ok, out, err) = cli(&["put", "greeting", "hello", "--node", &addr]);
+    assert!(ok, "{err}");
+    assert!(out.contains("ok"));
+    let (ok, out, _) = cli(&["put", "greeting", "hi", "--node", &addr]);
+    assert!(ok);
+    let (ok, out2, _) = cli(&["get", "greeting", "--node", &addr]);
+    assert!(ok);
+    assert!(out2.contains("siblings: 2") && out2.contains("hello") && out2.contains("hi"), "{out2}");
+    let context = out2.lines().find_map(|l| l.strip_prefix("context: ")).unwrap().to_string();
+    let (ok, _, err) = cli(&["put", "greeting", "resolved", "--context", &context, "--node", &addr]);
+    assert!(ok, "{err}");
+    let (_, out3, _) = cli(&["get", "greeting", "--node", &addr]);
+    assert!(out3.contains("siblings: 1") && out3.contains("resolved"), "{out3}");
+    let context = out3.lines().find_map(|l| l.strip_prefix("context: ")).unwrap().to_string();
+    let (ok, _, err) = cli(&["del", "greeting", "--context", &context, "--node", &addr]);
+    assert!(ok, "{err}");
+    let (_, out4, _) = cli(&["get", "greeting", "--node", &addr]);
+    assert!(out4.starts_with("not found"), "{out4}");
+    let (ok, status, err) = cli(&["admin", "status", "--node", &addr]);
+    assert!(ok, "{err}");
+    assert!(status.contains("shards: 2") && status.contains("shard 1:"), "{status}");
+    let _ = out;
+    // Errors are clear and non-zero.
+    let (ok, _, err) = cli(&["put", "k", "v", "--context", "zz", "--node", &addr]);
+    assert!(!ok && err.contains("hex"), "{err}");
+    let (ok, _, err) = cli(&["get", "k", "--node", "127.0.0.13:1"]);
+    assert!(!ok && err.contains("is a node running"), "{err}");
+}
+
+#[test]
+fn the_redis_port_works_with_redis_cli() {
+    let dir = scratch("e2e-redis-");
+    let node = Node::start(&dir.path().join("data"), "127.0.0.14", &["--shards", "2"]);
+    let r = std::net::SocketAddr::new(node.ip, node.redis_port);
+    assert_eq!(redis_cli(r, &["PING"]).trim(), "PONG");
+    assert_eq!(redis_cli(r, &["SET", "foo", "bar"]).trim(), "OK");
+    assert_eq!(redis_cli(r, &["GET", "foo"]).trim(), "bar");
+    // Plain SET overwrites: no siblings through the Redis port.
+    assert_eq!(redis_cli(r, &["SET", "foo", "baz"]).trim(), "OK");
+    assert_eq!(redis_cli(r, &["GET", "foo"]).trim(), "baz");
+    assert_eq!(redis_cli(r, &["MSET", "a", "1", "b", "2"]).trim(), "OK");
+    assert_eq!(redis_cli(r, &["MGET", "a", "b", "nope"]), "1\n2\n\n");
+    assert_eq!(redis_cli(r, &["EXISTS", "a", "nope", "b"]).trim(), "2");
+    assert_eq!(redis_cli(r, &["DEL", "a", "nope"]).trim(), "1");
+    assert_eq!(redis_cli(r, &["GET", "a"]).trim(), "");
+    assert_eq!(redis_cli(r, &["ECHO", "hi"]).trim(), "hi");
+    assert!(redis_cli(r, &["INFO"]).contains("ringkv_shards:2"));
+    assert!(redis_cli(r, &["FLUSHALL"]).contains("ERR unknown command"));
+    // Siblings made through the native protocol are visible with VGET, and
+    // VSET with the context resolves them.
+    let c = node.client();
+    block_on(async {
+        c.put(b"shared", b"x", None).await.unwrap();
+        c.put(b"shared", b"y", None).await.unwrap();
+    });
+    let vget = redis_cli(r, &["VGET", "shared"]);
+    let mut lines = vget.lines();
+    let context = lines.next().unwrap().to_string();
+    let siblings: BTreeSet<&str> = lines.collect();
+    assert_eq!(siblings, ["x", "y"].into());
+    // GET shows the sibling written last.
+    assert_eq!(redis_cli(r, &["GET", "shared"]).trim(), "y");
+    redis_cli(r, &["VSET", "shared", &context, "merged"]);
+    assert_eq!(block_on(c.get(b"shared")).unwrap().unwrap().siblings, vec![b"merged".to_vec()]);
+    // Pipelined commands across both shards answer in order.
+    let mut input = String::new();
+    for i in 0..100 {
+        input.push_str(&format!("SET p{i} v{i}\nGET p{i}\n"));
+    }
+    let out = std::process::Command::new("redis-cli")
+        .args(["-h", &r.ip().to_string(), "-p", &r.port().to_string(), "--pipe"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(input.as_bytes())?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("errors: 0, replies: 200"), "{text}");
+    for i in (0..100).step_by(17) {
+        assert_eq!(redis_cli(r, &["GET", &format!("p{i}")]).trim(), format!("v{i}"));
+    }
+}
+
+#[test]
+fn sigterm_drains_syncs_and_exits_zero_and_identity_persists() {
+    let dir = scratch("e2e-stop-");
+    let data = dir.path().join("data");
+    let mut node = Node::start(&data, "127.0.0.15", &["--shards", "2"]);
+    let c = node.client();
+    let actor = c.node().actor;
+    block_on(async {
+        for i in 0..500u32 {
+            c.put(format!("k{i}").as_bytes(), b"v", None).await.unwrap();
+        }
+    });
+    let status = node.terminate(Duration::from_secs(30));
+    assert!(status.success(), "exit {status:?}\n{}", node.log());
+    assert!(node.log().contains("stopped cleanly"));
+    let node = Node::start(&data, "127.0.0.15", &["--shards", "2"]);
+    let c = node.client();
+    assert_eq!(c.node().actor, actor, "the actor id must survive restarts");
+    block_on(async {
+        for i in 0..500u32 {
+            assert!(c.get(format!("k{i}").as_bytes()).await.unwrap().is_some());
+        }
+    });
+    drop(node);
+    // A wiped data directory is a new incarnation: a new actor.
+    std::fs::remove_dir_all(&data).unwrap();
+    let node = Node::start(&data, "127.0.0.15", &["--shards", "2"]);
+    assert_ne!(node.client().node().actor, actor);
+}
+
+#[test]
+fn startup_fails_loudly_on_a_locked_directory_a_taken_port_and_too_little_locked_memory() {
+    let dir = scratch("e2e-startup-");
+    let data = dir.path().join("data");
+    let _first = Node::start(&data, "127.0.0.16", &["--shards", "1"]);
+    // Same directory, other ports: refused, naming the directory.
+    let mut second = Node::spawn(&data, "127.0.0.17", &["--shards", "1"]);
+    let status = second.wait_exit(Duration::from_secs(30));
+    assert!(!status.success());
+    assert!(second.log().contains("in use by another process"), "{}", second.log());
+    // A port already taken (by a listener without SO_REUSEPORT).
+    let _holder = std::net::TcpListener::bind("127.0.0.18:7700").unwrap();
+    let mut third = Node::spawn(&dir.path().join("other"), "127.0.0.18", &["--shards", "1"]);
+    let status = third.wait_exit(Duration::from_secs(30));
+    assert!(!status.success());
+    assert!(third.log().contains("127.0.0.18:7700 is in use"), "{}", third.log());
+    // Executors cannot start without enough locked memory.
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -l 64 && exec {} serve --data-dir {} --listen 127.0.0.19 --shards 1",
+            support::BIN,
+            dir.path().join("third").display()
+        ))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("could not start") && stderr.contains("ulimit -l"), "{stderr}");
+}
