@@ -127,17 +127,32 @@ enum Event {
     ShardExited { shard: u32, panicked: bool },
 }
 
-/// Sends `ShardExited` when a shard's main future ends, normally or by
-/// unwinding from a panic.
+/// Sends `ShardExited` when a shard's thread ends. It lives in a thread
+/// local because thread-local destructors run however the thread ends,
+/// while glommio does not drop the shard's future when a task panics.
 struct ExitGuard {
     shard: u32,
     events: mpsc::Sender<Event>,
+    clean: bool,
 }
 
 impl Drop for ExitGuard {
     fn drop(&mut self) {
-        let _ = self.events.send(Event::ShardExited { shard: self.shard, panicked: std::thread::panicking() });
+        let _ = self.events.send(Event::ShardExited { shard: self.shard, panicked: !self.clean });
     }
+}
+
+thread_local! {
+    static EXIT_GUARD: std::cell::RefCell<Option<ExitGuard>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Marks this shard's thread as ending normally (not by a panic).
+fn exit_cleanly() {
+    EXIT_GUARD.with(|g| {
+        if let Some(guard) = g.borrow_mut().as_mut() {
+            guard.clean = true;
+        }
+    });
 }
 
 struct ShardSetup {
@@ -157,7 +172,7 @@ struct ShardSetup {
 /// Everything a shard does, on its own executor.
 async fn shard_main(setup: ShardSetup) {
     let ShardSetup { index, shard_count, config, actor, root, marker, peers, inbound, control, ready, events } = setup;
-    let _exit = ExitGuard { shard: index, events };
+    EXIT_GUARD.with(|g| *g.borrow_mut() = Some(ExitGuard { shard: index, events, clean: false }));
     let layout = ShardLayout { shard: index, shard_count, partition_count: config.node.partition_count };
     let opened = async {
         DmaDisk::prime(&marker).await.map_err(|e| format!("opening {} with O_DIRECT: {e}", marker.display()))?;
@@ -180,6 +195,7 @@ async fn shard_main(setup: ShardSetup) {
         Ok(x) => x,
         Err(message) => {
             let _ = ready.send(Err(message));
+            exit_cleanly();
             return;
         }
     };
@@ -214,6 +230,7 @@ async fn shard_main(setup: ShardSetup) {
     if let Err(e) = shard.store.close().await {
         tracing::error!(shard = index, error = %e, "closing storage failed");
     }
+    exit_cleanly();
 }
 
 /// Runs a node until SIGTERM/SIGINT (Ok) or a failure (Err).

@@ -79,6 +79,10 @@ pub struct Shard {
     pub connection_closed: Notify,
     pub client_port: u16,
     pub redis_port: u16,
+    /// Fault injection for supervision tests (debug builds only): a request
+    /// for this key panics the shard that executes it.
+    #[cfg(debug_assertions)]
+    fault_panic_key: Option<Vec<u8>>,
 }
 
 fn status_of(error: &StorageError) -> Status {
@@ -131,6 +135,8 @@ impl Shard {
             config,
             client_port,
             redis_port,
+            #[cfg(debug_assertions)]
+            fault_panic_key: std::env::var_os("RINGKV_FAULT_PANIC_KEY").map(|k| k.into_encoded_bytes()),
         }
     }
 
@@ -195,6 +201,12 @@ impl Shard {
     /// Executes one operation owned by this shard.
     pub async fn execute(&self, opcode: u8, body: &[u8]) -> Outcome {
         self.stats.borrow_mut().requests += 1;
+        #[cfg(debug_assertions)]
+        if let Some(key) = &self.fault_panic_key {
+            if opcode == Opcode::Get as u8 && body == key.as_slice() {
+                panic!("fault injection: shard {} panics on request", self.index);
+            }
+        }
         match opcode {
             internal::OVERWRITE => {
                 let (key, value) = match split_key(body) {

@@ -234,3 +234,26 @@ fn startup_fails_loudly_on_a_locked_directory_a_taken_port_and_too_little_locked
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains("could not start") && stderr.contains("ulimit -l"), "{stderr}");
 }
+
+/// A shard that panics brings the whole node down (non-zero exit, clear
+/// message) instead of leaving it half-alive.
+#[test]
+fn a_panicking_shard_stops_the_node_with_a_non_zero_exit() {
+    let dir = scratch("e2e-panic-");
+    let mut node = Node::spawn_with_env(
+        &dir.path().join("data"),
+        "127.0.0.20",
+        &["--shards", "2"],
+        &[("RINGKV_FAULT_PANIC_KEY", "boom")],
+    );
+    node.wait_serving(Duration::from_secs(60));
+    let c = node.client();
+    block_on(async {
+        c.put(b"before", b"fine", None).await.unwrap();
+        // The shard owning "boom" panics on this read; the reply never comes.
+        assert!(c.get(b"boom").await.is_err());
+    });
+    let status = node.wait_exit(Duration::from_secs(30));
+    assert!(!status.success(), "exit {status:?}");
+    assert!(node.log().contains("stopped unexpectedly (it panicked)"), "{}", node.log());
+}

@@ -49,6 +49,11 @@ impl Node {
 
     /// Starts `ringkv serve` without waiting.
     pub fn spawn(data_dir: &Path, ip: &str, extra: &[&str]) -> Self {
+        Self::spawn_with_env(data_dir, ip, extra, &[])
+    }
+
+    /// Starts `ringkv serve` with extra environment variables, without waiting.
+    pub fn spawn_with_env(data_dir: &Path, ip: &str, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let ip: IpAddr = ip.parse().unwrap();
         let mut args: Vec<String> = vec![
             "serve".into(),
@@ -63,6 +68,7 @@ impl Node {
         let mut child = Command::new(BIN)
             .args(&args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
