@@ -283,7 +283,11 @@ impl Client {
     /// Sends one request and waits for its reply.
     pub async fn call(&self, request: &Request<'_>) -> Result<(Status, Vec<u8>), ClientError> {
         let key = match request {
-            Request::Get { key } | Request::Put { key, .. } | Request::Delete { key, .. } => Some(*key),
+            Request::Get { key }
+            | Request::Put { key, .. }
+            | Request::Delete { key, .. }
+            | Request::Overwrite { key, .. }
+            | Request::DeleteAll { key } => Some(*key),
             _ => None,
         };
         let mut body = Vec::new();
@@ -346,6 +350,14 @@ impl Client {
     pub async fn delete(&self, key: &[u8], context: &[u8]) -> Result<Vec<u8>, ClientError> {
         match self.call(&Request::Delete { key, context }).await? {
             (Status::Ok, context) => Ok(context),
+            (status, body) => Err(Self::refused(status, &body)),
+        }
+    }
+
+    /// Last-writer-wins write: supersedes every version the node holds.
+    pub async fn overwrite(&self, key: &[u8], value: &[u8]) -> Result<(), ClientError> {
+        match self.call(&Request::Overwrite { key, value }).await? {
+            (Status::Ok, _) => Ok(()),
             (status, body) => Err(Self::refused(status, &body)),
         }
     }

@@ -210,7 +210,11 @@ struct Fatal {
 
 fn route(shard: &Shard, request: &Request<'_>) -> u32 {
     match request {
-        Request::Get { key } | Request::Put { key, .. } | Request::Delete { key, .. } => shard.owner(key),
+        Request::Get { key }
+        | Request::Put { key, .. }
+        | Request::Delete { key, .. }
+        | Request::Overwrite { key, .. }
+        | Request::DeleteAll { key } => shard.owner(key),
         _ => shard.index,
     }
 }

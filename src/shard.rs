@@ -30,12 +30,10 @@ use crate::storage::{ShardStore, StorageError};
 
 /// Peer-only operations (the Redis port's semantics); refused from clients.
 pub mod internal {
-    /// key_len u16 | key | value: a write superseding every version this
-    /// node holds (Redis SET).
-    pub const OVERWRITE: u8 = 0x80;
-    /// key: a tombstone superseding every version this node holds (Redis
-    /// DEL); the reply body is one byte, 1 if a live value was deleted.
-    pub const DELETE_ALL: u8 = 0x81;
+    /// Public: `Opcode::Overwrite` (Redis SET).
+    pub const OVERWRITE: u8 = crate::protocol::frame::Opcode::Overwrite as u8;
+    /// Public: `Opcode::DeleteAll` (Redis DEL).
+    pub const DELETE_ALL: u8 = crate::protocol::frame::Opcode::DeleteAll as u8;
     /// key: the last-written sibling's value (Redis GET).
     pub const GET_LATEST: u8 = 0x82;
     /// key: Ok if a live value exists (Redis EXISTS).
@@ -302,6 +300,7 @@ impl Shard {
                 }
             }
             Request::Batch(_) => error(Status::BadRequest, "batches do not nest"),
+            Request::Overwrite { .. } | Request::DeleteAll { .. } => unreachable!("handled above"),
         }
     }
 

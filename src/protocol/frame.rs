@@ -38,6 +38,12 @@ pub enum Opcode {
     Batch = 5,
     /// Node facts for shard-aware clients and `admin status`.
     Status = 6,
+    /// Last-writer-wins write: supersedes every version the node holds
+    /// (concurrent writes elsewhere are lost by design). Redis SET.
+    Overwrite = 7,
+    /// Last-writer-wins delete: a tombstone superseding every version the
+    /// node holds. Redis DEL.
+    DeleteAll = 8,
 }
 
 impl Opcode {
@@ -49,6 +55,8 @@ impl Opcode {
             4 => Self::Delete,
             5 => Self::Batch,
             6 => Self::Status,
+            7 => Self::Overwrite,
+            8 => Self::DeleteAll,
             _ => return None,
         })
     }

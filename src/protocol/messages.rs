@@ -12,6 +12,8 @@
 //! STATUS request : empty
 //!        response: shard_count u32 | partition_count u32 | client_port u16 |
 //!                  redis_port u16 | actor u64 | human-readable report (UTF-8)
+//! OVERWRITE request: key_len u16 | key | value       response: Ok (empty)
+//! DELETE_ALL request: key     response: Ok -> 1 byte, 1 if a live value was deleted
 //! BATCH  request : { opcode u8 | len u32 | body }*
 //!        response: { opcode u8 | status u8 | len u32 | body }*  (same order)
 //! any error response: a UTF-8 message
@@ -28,6 +30,8 @@ pub enum Request<'a> {
     Delete { key: &'a [u8], context: &'a [u8] },
     Status,
     Batch(&'a [u8]),
+    Overwrite { key: &'a [u8], value: &'a [u8] },
+    DeleteAll { key: &'a [u8] },
 }
 
 /// Why a request body is refused.
@@ -88,6 +92,12 @@ pub fn decode_request(opcode: u8, body: &[u8]) -> Result<Request<'_>, RequestErr
         }
         Opcode::Status => Request::Status,
         Opcode::Batch => Request::Batch(body),
+        Opcode::Overwrite => {
+            let key_len = u16::from_le_bytes(take(&mut rest, 2, "key length")?.try_into().expect("2")) as usize;
+            let key = take(&mut rest, key_len, "key")?;
+            Request::Overwrite { key, value: rest }
+        }
+        Opcode::DeleteAll => Request::DeleteAll { key: body },
     })
 }
 
@@ -102,6 +112,12 @@ pub fn encode_request(out: &mut Vec<u8>, request: &Request<'_>) {
         }
         Request::Delete { key, context } => push_key_and_context(out, key, context),
         Request::Status => {}
+        Request::Overwrite { key, value } => {
+            out.extend_from_slice(&u16::try_from(key.len()).expect("keys are at most 65535 bytes").to_le_bytes());
+            out.extend_from_slice(key);
+            out.extend_from_slice(value);
+        }
+        Request::DeleteAll { key } => out.extend_from_slice(key),
     }
 }
 
@@ -120,6 +136,8 @@ pub fn opcode_of(request: &Request<'_>) -> Opcode {
         Request::Delete { .. } => Opcode::Delete,
         Request::Status => Opcode::Status,
         Request::Batch(_) => Opcode::Batch,
+        Request::Overwrite { .. } => Opcode::Overwrite,
+        Request::DeleteAll { .. } => Opcode::DeleteAll,
     }
 }
 
@@ -238,6 +256,8 @@ mod tests {
             Request::Put { key: b"k", context: b"", value: b"" },
             Request::Delete { key: b"k", context: b"c" },
             Request::Status,
+            Request::Overwrite { key: b"k", value: b"v" },
+            Request::DeleteAll { key: b"k" },
         ] {
             let mut body = Vec::new();
             encode_request(&mut body, &request);

@@ -1,0 +1,844 @@
+//! ringkv-bench: the bundled load generator.
+//!
+//! YCSB workloads A, B, C, D, F and a custom mix; uniform, zipfian
+//! (scrambled, as YCSB) and latest key distributions; a load phase; closed
+//! loop or open loop at a target rate, with latency measured from each
+//! request's *intended* send time so a stalled server cannot hide its
+//! queueing (no coordinated omission). Talks ringkv's native protocol
+//! (shard-aware: each connection serves the keys of one shard, on that
+//! shard's port) or, with `--resp`, any Redis-protocol server, so one tool
+//! measures both sides of a comparison.
+//!
+//! Reports per operation: throughput, errors, p50/p90/p99/p99.9/p99.99/max
+//! (HdrHistogram), siblings seen on reads; `--json` writes a summary and
+//! `--hdr-log` an interval log (one histogram per second per operation).
+
+mod keys;
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+use futures::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+use glommio::{LocalExecutorBuilder, Placement};
+use hdrhistogram::Histogram;
+use keys::{key_name, Chooser, Distribution};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use ringkv::logic::dvv::encoding;
+use ringkv::logic::ring::{partition_of, shard_of};
+use ringkv::protocol::frame::{self, Opcode, Status};
+use ringkv::protocol::messages::{encode_request, NodeStatus, Request};
+use ringkv::protocol::resp;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Workload {
+    /// 50% read, 50% update, zipfian.
+    A,
+    /// 95% read, 5% update, zipfian.
+    B,
+    /// 100% read, zipfian.
+    C,
+    /// 95% read, 5% insert, latest.
+    D,
+    /// 50% read, 50% read-modify-write, zipfian.
+    F,
+    /// The --read/--update/--insert/--delete/--rmw proportions.
+    Custom,
+}
+
+#[derive(Parser, Debug, Clone)]
+#[command(name = "ringkv-bench", about = "Load generator for ringkv and Redis-protocol servers")]
+struct Options {
+    /// Server address: a ringkv client port, or a Redis port with --resp.
+    #[arg(long, default_value = "127.0.0.1:7700")]
+    address: SocketAddr,
+    /// Speak RESP2 (any Redis-protocol server) instead of ringkv's protocol.
+    #[arg(long)]
+    resp: bool,
+    #[arg(long, value_enum, default_value = "a")]
+    workload: Workload,
+    /// Key distribution (default: the workload's own).
+    #[arg(long, value_enum)]
+    distribution: Option<Distribution>,
+    #[arg(long, default_value_t = 0.0)]
+    read: f64,
+    #[arg(long, default_value_t = 0.0)]
+    update: f64,
+    #[arg(long, default_value_t = 0.0)]
+    insert: f64,
+    #[arg(long, default_value_t = 0.0)]
+    delete: f64,
+    #[arg(long, default_value_t = 0.0)]
+    rmw: f64,
+    /// Keys in the data set.
+    #[arg(long, default_value_t = 100_000)]
+    records: u64,
+    #[arg(long, default_value_t = 100)]
+    value_bytes: usize,
+    /// Insert every record before the run.
+    #[arg(long)]
+    load: bool,
+    /// Only load, no run.
+    #[arg(long)]
+    load_only: bool,
+    #[arg(long, default_value_t = 16)]
+    connections: usize,
+    /// Requests in flight per connection.
+    #[arg(long, default_value_t = 1)]
+    pipeline: usize,
+    /// Executor threads running the connections.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    #[arg(long, default_value_t = 10)]
+    duration_secs: u64,
+    /// Stop after this many operations instead of after the duration.
+    #[arg(long)]
+    operations: Option<u64>,
+    /// Open loop: this many operations per second in total (0 = closed loop).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Write a JSON summary here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write an HdrHistogram interval log here.
+    #[arg(long)]
+    hdr_log: Option<PathBuf>,
+    /// Ignore shard ports; send everything to --address.
+    #[arg(long)]
+    no_shard_aware: bool,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Pin executor threads to CPUs starting here (default: unpinned).
+    #[arg(long)]
+    pin_from: Option<usize>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Op {
+    Read,
+    Update,
+    Insert,
+    Delete,
+    Rmw,
+}
+
+const OPS: [Op; 5] = [Op::Read, Op::Update, Op::Insert, Op::Delete, Op::Rmw];
+
+impl Op {
+    fn name(self) -> &'static str {
+        match self {
+            Op::Read => "read",
+            Op::Update => "update",
+            Op::Insert => "insert",
+            Op::Delete => "delete",
+            Op::Rmw => "read-modify-write",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Mix {
+    weights: Vec<(Op, f64)>,
+    distribution: Distribution,
+}
+
+impl Mix {
+    fn of(o: &Options) -> Self {
+        use Distribution::*;
+        let (weights, distribution) = match o.workload {
+            Workload::A => (vec![(Op::Read, 0.5), (Op::Update, 0.5)], Zipfian),
+            Workload::B => (vec![(Op::Read, 0.95), (Op::Update, 0.05)], Zipfian),
+            Workload::C => (vec![(Op::Read, 1.0)], Zipfian),
+            Workload::D => (vec![(Op::Read, 0.95), (Op::Insert, 0.05)], Latest),
+            Workload::F => (vec![(Op::Read, 0.5), (Op::Rmw, 0.5)], Zipfian),
+            Workload::Custom => (
+                vec![
+                    (Op::Read, o.read),
+                    (Op::Update, o.update),
+                    (Op::Insert, o.insert),
+                    (Op::Delete, o.delete),
+                    (Op::Rmw, o.rmw),
+                ],
+                Uniform,
+            ),
+        };
+        let total: f64 = weights.iter().map(|(_, w)| w).sum();
+        assert!(total > 0.0, "the custom mix needs at least one of --read --update --insert --delete --rmw");
+        Self {
+            weights: weights.into_iter().map(|(op, w)| (op, w / total)).collect(),
+            distribution: o.distribution.unwrap_or(distribution),
+        }
+    }
+
+    fn pick(&self, rng: &mut ChaCha8Rng) -> Op {
+        let mut x: f64 = rng.gen();
+        for (op, w) in &self.weights {
+            if x < *w {
+                return *op;
+            }
+            x -= w;
+        }
+        self.weights.last().expect("weights").0
+    }
+}
+
+/// Histograms per operation, latencies in microseconds.
+#[derive(Clone)]
+struct Recorder {
+    latency: HashMap<Op, Histogram<u64>>,
+    errors: HashMap<Op, u64>,
+    siblings_seen: u64,
+    reads_with_siblings: u64,
+}
+
+impl Recorder {
+    fn new() -> Self {
+        let latency =
+            OPS.iter().map(|op| (*op, Histogram::new_with_bounds(1, 60_000_000, 3).expect("bounds"))).collect();
+        Self { latency, errors: HashMap::new(), siblings_seen: 0, reads_with_siblings: 0 }
+    }
+
+    fn record(&mut self, op: Op, micros: u64) {
+        let _ = self.latency.get_mut(&op).expect("op").record(micros.clamp(1, 60_000_000));
+    }
+
+    fn merge(&mut self, other: &Recorder) {
+        for (op, h) in &other.latency {
+            self.latency.get_mut(op).expect("op").add(h).expect("compatible histograms");
+        }
+        for (op, n) in &other.errors {
+            *self.errors.entry(*op).or_default() += n;
+        }
+        self.siblings_seen += other.siblings_seen;
+        self.reads_with_siblings += other.reads_with_siblings;
+    }
+
+    fn total(&self) -> u64 {
+        self.latency.values().map(|h| h.len()).sum()
+    }
+}
+
+/// What the main thread hears from executor threads.
+enum Report {
+    Interval(Recorder),
+    Final(Recorder),
+}
+
+/// State shared by the connections of one executor thread.
+struct Shared {
+    options: Options,
+    mix: Mix,
+    chooser: Chooser,
+    /// Next key number for inserts (shared by all threads).
+    next_insert: Arc<AtomicU64>,
+    issued: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    interval: RefCell<Recorder>,
+    total: RefCell<Recorder>,
+    node: Option<NodeStatus>,
+    value: Vec<u8>,
+}
+
+/// One request in flight.
+struct InFlight {
+    op: Op,
+    start: Instant,
+    /// For read-modify-write: the key still to write after the read.
+    rmw_key: Option<Vec<u8>>,
+}
+
+fn encode_native(out: &mut Vec<u8>, id: u64, request: &Request<'_>) {
+    let mut body = Vec::new();
+    encode_request(&mut body, request);
+    frame::encode(out, ringkv::protocol::messages::opcode_of(request) as u8, 0, 0, id, &body);
+}
+
+fn encode_resp(out: &mut Vec<u8>, args: &[&[u8]]) {
+    resp::array(out, args.len());
+    for a in args {
+        resp::bulk(out, a);
+    }
+}
+
+/// Parses one RESP reply; returns (is_error, bytes consumed) or None.
+fn parse_resp_reply(buf: &[u8]) -> Option<(bool, Option<Vec<u8>>, usize)> {
+    let line_end = buf.windows(2).position(|w| w == b"\r\n")?;
+    let line = &buf[1..line_end];
+    match buf.first()? {
+        b'+' | b':' => Some((false, None, line_end + 2)),
+        b'-' => Some((true, None, line_end + 2)),
+        b'$' => {
+            let len: i64 = std::str::from_utf8(line).ok()?.parse().ok()?;
+            if len < 0 {
+                return Some((false, None, line_end + 2));
+            }
+            let end = line_end + 2 + len as usize;
+            if buf.len() < end + 2 {
+                return None;
+            }
+            Some((false, Some(buf[line_end + 2..end].to_vec()), end + 2))
+        }
+        b'*' => {
+            // Only empty or bulk arrays are expected here.
+            let n: i64 = std::str::from_utf8(line).ok()?.parse().ok()?;
+            let mut at = line_end + 2;
+            for _ in 0..n.max(0) {
+                let (_, _, used) = parse_resp_reply(&buf[at..])?;
+                at += used;
+            }
+            Some((false, None, at))
+        }
+        _ => Some((true, None, buf.len())),
+    }
+}
+
+/// A connection: keeps `pipeline` requests in flight (closed loop) or sends
+/// at its share of `rate` (open loop).
+async fn connection(shared: Rc<Shared>, index: usize, shard: Option<u32>) {
+    let o = &shared.options;
+    let address = match (&shared.node, shard) {
+        (Some(node), Some(s)) => SocketAddr::new(o.address.ip(), node.client_port + 1 + s as u16),
+        _ => o.address,
+    };
+    let mut stream = match TcpStream::connect(address).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("connection {index}: connecting to {address}: {e}");
+            shared.stop.store(true, Ordering::Relaxed);
+            return;
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let mut rng = ChaCha8Rng::seed_from_u64(o.seed.wrapping_add(index as u64 * 7919));
+    let open_loop = o.rate > 0;
+    let per_connection_interval =
+        if open_loop { Duration::from_secs_f64(o.connections as f64 / o.rate as f64) } else { Duration::ZERO };
+    let mut next_intended = Instant::now();
+    let mut in_flight: HashMap<u64, InFlight> = HashMap::new();
+    let mut order: std::collections::VecDeque<u64> = std::collections::VecDeque::new();
+    let mut next_id = 1u64;
+    let mut out = Vec::with_capacity(64 << 10);
+    let mut input = vec![0u8; 256 << 10];
+    let (mut start, mut end) = (0usize, 0usize);
+    let limit = o.operations;
+    let owner = |key: &[u8]| match &shared.node {
+        Some(node) => shard_of(partition_of(key, node.partition_count), node.shard_count),
+        None => 0,
+    };
+    // Picks a key this connection serves (shard-aware: keys of its shard).
+    let pick_key = |rng: &mut ChaCha8Rng, op: Op| -> Vec<u8> {
+        loop {
+            let number = if op == Op::Insert {
+                shared.next_insert.fetch_add(1, Ordering::Relaxed)
+            } else {
+                shared.chooser.next(rng, shared.next_insert.load(Ordering::Relaxed))
+            };
+            let key = key_name(number);
+            if shard.is_none_or(|s| owner(&key) == s) {
+                return key;
+            }
+            if op == Op::Insert {
+                // Inserts take numbers in order; a number of another shard
+                // is simply left for whoever draws it next.
+                continue;
+            }
+        }
+    };
+    loop {
+        let stopping = shared.stop.load(Ordering::Relaxed);
+        // Issue requests.
+        let now = Instant::now();
+        while !stopping && in_flight.len() < o.pipeline && (!open_loop || next_intended <= now) {
+            if let Some(limit) = limit {
+                if shared.issued.fetch_add(1, Ordering::Relaxed) >= limit {
+                    shared.stop.store(true, Ordering::Relaxed);
+                    break;
+                }
+            }
+            let op = shared.mix.pick(&mut rng);
+            let key = pick_key(&mut rng, op);
+            let id = next_id;
+            next_id += 1;
+            let intended = if open_loop { next_intended } else { now };
+            next_intended += per_connection_interval;
+            let value = &shared.value;
+            if o.resp {
+                match op {
+                    Op::Read | Op::Rmw => encode_resp(&mut out, &[b"GET", &key]),
+                    Op::Update | Op::Insert => encode_resp(&mut out, &[b"SET", &key, value]),
+                    Op::Delete => encode_resp(&mut out, &[b"DEL", &key]),
+                }
+            } else {
+                let request = match op {
+                    Op::Read | Op::Rmw => Request::Get { key: &key },
+                    Op::Update | Op::Insert => Request::Overwrite { key: &key, value },
+                    Op::Delete => Request::DeleteAll { key: &key },
+                };
+                encode_native(&mut out, id, &request);
+            }
+            in_flight.insert(id, InFlight { op, start: intended, rmw_key: (op == Op::Rmw).then_some(key) });
+            order.push_back(id);
+        }
+        if !out.is_empty() {
+            if stream.write_all(&out).await.is_err() {
+                eprintln!("connection {index}: write failed");
+                return;
+            }
+            out.clear();
+        }
+        if in_flight.is_empty() {
+            if stopping {
+                return;
+            }
+            if open_loop {
+                glommio::timer::sleep(next_intended.saturating_duration_since(Instant::now())).await;
+            }
+            continue;
+        }
+        // Read replies (with a timer in open loop so sends stay on time).
+        if end == input.len() {
+            input.copy_within(start..end, 0);
+            end -= start;
+            start = 0;
+            if end == input.len() {
+                input.resize(input.len() * 2, 0);
+            }
+        }
+        let read = if open_loop && !stopping {
+            let wait = next_intended.saturating_duration_since(Instant::now()).max(Duration::from_micros(50));
+            match futures::future::select(
+                Box::pin(stream.read(&mut input[end..])),
+                Box::pin(glommio::timer::sleep(wait)),
+            )
+            .await
+            {
+                futures::future::Either::Left((r, _)) => Some(r),
+                futures::future::Either::Right(_) => None,
+            }
+        } else {
+            Some(stream.read(&mut input[end..]).await)
+        };
+        match read {
+            None => continue,
+            Some(Ok(0)) | Some(Err(_)) => {
+                eprintln!("connection {index}: the server closed the connection");
+                shared.stop.store(true, Ordering::Relaxed);
+                return;
+            }
+            Some(Ok(n)) => end += n,
+        }
+        // Complete what arrived.
+        loop {
+            let (id, failed, payload, used) = if o.resp {
+                match parse_resp_reply(&input[start..end]) {
+                    Some((err, payload, used)) => (order.pop_front().expect("reply to a request"), err, payload, used),
+                    None => break,
+                }
+            } else {
+                match frame::decode(&input[start..end], 64 << 20) {
+                    Ok(Some((h, body, used))) => {
+                        let status = Status::from_u8(h.status).unwrap_or(Status::Internal);
+                        let failed = !matches!(status, Status::Ok | Status::NotFound);
+                        let payload = (status == Status::Ok).then(|| body.to_vec());
+                        (h.request_id, failed, payload, used)
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        eprintln!("connection {index}: protocol error: {e}");
+                        shared.stop.store(true, Ordering::Relaxed);
+                        return;
+                    }
+                }
+            };
+            start += used;
+            let Some(mut request) = in_flight.remove(&id) else { continue };
+            if !o.resp {
+                order.retain(|x| *x != id);
+            }
+            if failed {
+                *shared.interval.borrow_mut().errors.entry(request.op).or_default() += 1;
+                continue;
+            }
+            if request.op == Op::Read || (request.op == Op::Rmw && request.rmw_key.is_some()) {
+                if let (false, Some(bytes)) = (o.resp, &payload) {
+                    if let Ok(set) = encoding::decode(bytes) {
+                        let live = set.values().filter(|s| !s.tombstone).count() as u64;
+                        if live > 1 {
+                            let mut r = shared.interval.borrow_mut();
+                            r.siblings_seen += live;
+                            r.reads_with_siblings += 1;
+                        }
+                        if let Some(key) = request.rmw_key.take() {
+                            // The write half of read-modify-write, with the
+                            // context just read.
+                            let context = set.join().encode();
+                            let id = next_id;
+                            next_id += 1;
+                            encode_native(
+                                &mut out,
+                                id,
+                                &Request::Put { key: &key, context: &context, value: &shared.value },
+                            );
+                            in_flight.insert(id, InFlight { op: Op::Rmw, start: request.start, rmw_key: None });
+                            order.push_back(id);
+                            continue;
+                        }
+                    }
+                }
+                if let Some(key) = request.rmw_key.take() {
+                    let id = next_id;
+                    next_id += 1;
+                    if o.resp {
+                        encode_resp(&mut out, &[b"SET", &key, &shared.value]);
+                    } else {
+                        encode_native(&mut out, id, &Request::Put { key: &key, context: &[], value: &shared.value });
+                    }
+                    in_flight.insert(id, InFlight { op: Op::Rmw, start: request.start, rmw_key: None });
+                    order.push_back(id);
+                    continue;
+                }
+            }
+            let micros = request.start.elapsed().as_micros() as u64;
+            shared.interval.borrow_mut().record(request.op, micros);
+        }
+        if start == end {
+            start = 0;
+            end = 0;
+        }
+    }
+}
+
+/// Loads every record (one Overwrite/SET each), pipelined, through the
+/// shared port (the node routes each key to its shard, so no record is
+/// skipped whatever the connection count).
+async fn load_phase(shared: Rc<Shared>, index: usize, of: usize) {
+    let o = &shared.options;
+    let address = o.address;
+    let mut stream = TcpStream::connect(address).await.expect("connect for load");
+    let mut out = Vec::new();
+    let mut input = vec![0u8; 1 << 20];
+    let batch = 256u64;
+    let mut number = index as u64;
+    while number < o.records {
+        let mut sent = 0;
+        while sent < batch && number < o.records {
+            let key = key_name(number);
+            number += of as u64;
+            if o.resp {
+                encode_resp(&mut out, &[b"SET", &key, &shared.value]);
+            } else {
+                encode_native(&mut out, sent + 1, &Request::Overwrite { key: &key, value: &shared.value });
+            }
+            sent += 1;
+        }
+        stream.write_all(&out).await.expect("load write");
+        out.clear();
+        let (mut got, mut end, mut at) = (0, 0, 0);
+        while got < sent {
+            let n = stream.read(&mut input[end..]).await.expect("load read");
+            assert!(n > 0, "server closed during load");
+            end += n;
+            loop {
+                let used = if o.resp {
+                    match parse_resp_reply(&input[at..end]) {
+                        Some((err, _, used)) => {
+                            assert!(!err, "load write refused");
+                            used
+                        }
+                        None => break,
+                    }
+                } else {
+                    match frame::decode(&input[at..end], 1 << 20).expect("frame") {
+                        Some((h, body, used)) => {
+                            assert_eq!(h.status, 0, "load write refused: {}", String::from_utf8_lossy(body));
+                            used
+                        }
+                        None => break,
+                    }
+                };
+                at += used;
+                got += 1;
+                shared.interval.borrow_mut().record(Op::Insert, 1);
+            }
+            input.copy_within(at..end, 0);
+            end -= at;
+            at = 0;
+        }
+    }
+}
+
+fn node_status(o: &Options) -> Option<NodeStatus> {
+    if o.resp {
+        return None;
+    }
+    let client = ringkv::client::Client::connect(o.address, Default::default()).unwrap_or_else(|e| {
+        eprintln!("ringkv-bench: cannot reach {}: {e}", o.address);
+        std::process::exit(2)
+    });
+    Some(client.node().clone())
+}
+
+fn percentiles(h: &Histogram<u64>) -> [f64; 6] {
+    let ms = |v: u64| v as f64 / 1000.0;
+    [
+        ms(h.value_at_quantile(0.5)),
+        ms(h.value_at_quantile(0.9)),
+        ms(h.value_at_quantile(0.99)),
+        ms(h.value_at_quantile(0.999)),
+        ms(h.value_at_quantile(0.9999)),
+        ms(h.max()),
+    ]
+}
+
+fn main() {
+    let o = Options::parse();
+    let node = node_status(&o);
+    let mix = Mix::of(&o);
+    let shard_aware = node.is_some() && !o.no_shard_aware;
+    let shards = node.as_ref().map_or(1, |n| n.shard_count) as usize;
+    let next_insert = Arc::new(AtomicU64::new(o.records));
+    let issued = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (reports, rx) = mpsc::channel::<Report>();
+    let phases: Vec<bool> = if o.load_only {
+        vec![true]
+    } else if o.load {
+        vec![true, false]
+    } else {
+        vec![false]
+    };
+    let mut summary = serde_json::Map::new();
+    for load in phases {
+        stop.store(false, Ordering::Relaxed);
+        let started = Instant::now();
+        let mut handles = Vec::new();
+        for t in 0..o.threads {
+            let (o2, mix2, node2) = (o.clone(), mix.clone(), node.clone());
+            let (ni, is, st, rep) = (next_insert.clone(), issued.clone(), stop.clone(), reports.clone());
+            let placement = o.pin_from.map_or(Placement::Unbound, |c| Placement::Fixed(c + t));
+            handles.push(
+                LocalExecutorBuilder::new(placement)
+                    .io_memory(1 << 20)
+                    .spawn(move || async move {
+                        let chooser = Chooser::new(mix2.distribution, o2.records);
+                        let value = vec![b'x'; o2.value_bytes];
+                        let shared = Rc::new(Shared {
+                            options: o2.clone(),
+                            mix: mix2,
+                            chooser,
+                            next_insert: ni,
+                            issued: is,
+                            stop: st.clone(),
+                            interval: RefCell::new(Recorder::new()),
+                            total: RefCell::new(Recorder::new()),
+                            node: node2,
+                            value,
+                        });
+                        let mine: Vec<usize> = (0..o2.connections).filter(|c| c % o2.threads == t).collect();
+                        let tasks: Vec<_> = mine
+                            .iter()
+                            .map(|&c| {
+                                let shard = shard_aware.then_some((c % shards) as u32);
+                                let shared = shared.clone();
+                                if load {
+                                    glommio::spawn_local(load_phase(shared, c, o2.connections))
+                                } else {
+                                    glommio::spawn_local(connection(shared, c, shard))
+                                }
+                            })
+                            .collect();
+                        // Report an interval every second while running.
+                        let reporter = {
+                            let shared = shared.clone();
+                            let rep = rep.clone();
+                            glommio::spawn_local(async move {
+                                loop {
+                                    glommio::timer::sleep(Duration::from_secs(1)).await;
+                                    let interval =
+                                        std::mem::replace(&mut *shared.interval.borrow_mut(), Recorder::new());
+                                    shared.total.borrow_mut().merge(&interval);
+                                    if rep.send(Report::Interval(interval)).is_err() {
+                                        return;
+                                    }
+                                }
+                            })
+                        };
+                        futures::future::join_all(tasks).await;
+                        drop(reporter);
+                        let interval = std::mem::replace(&mut *shared.interval.borrow_mut(), Recorder::new());
+                        shared.total.borrow_mut().merge(&interval);
+                        let _ = rep.send(Report::Final(shared.total.borrow().clone()));
+                    })
+                    .expect("executor"),
+            );
+        }
+        // Stop after the duration (closed or open loop without --operations).
+        if !load && o.operations.is_none() {
+            let stop = stop.clone();
+            let d = Duration::from_secs(o.duration_secs);
+            std::thread::spawn(move || {
+                std::thread::sleep(d);
+                stop.store(true, Ordering::Relaxed);
+            });
+        }
+        let mut total = Recorder::new();
+        let mut finals = 0;
+        let mut log = o.hdr_log.as_ref().filter(|_| !load).map(|p| std::fs::File::create(p).expect("hdr log"));
+        let mut second = 0u64;
+        if let Some(f) = log.as_mut() {
+            use std::io::Write;
+            let _ = writeln!(f, "#[ringkv-bench interval log: one line per second per operation]");
+            let _ = writeln!(
+                f,
+                "#[StartTime: {} (seconds since epoch)]",
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+            );
+            let _ = writeln!(
+                f,
+                "\"StartTimestamp\",\"Interval_Length\",\"Interval_Max\",\"Interval_Compressed_Histogram\""
+            );
+        }
+        let mut window = Recorder::new();
+        while finals < o.threads {
+            match rx.recv_timeout(Duration::from_millis(1100)) {
+                Ok(Report::Interval(r)) => window.merge(&r),
+                Ok(Report::Final(r)) => {
+                    total.merge(&r);
+                    finals += 1;
+                    continue;
+                }
+                Err(_) => {}
+            }
+            // Print progress roughly once per second.
+            if window.total() > 0 || load {
+                second += 1;
+                let read = &window.latency[&Op::Read];
+                eprint!(
+                    "\r[{:>4}s] {} {:>9} ops/s  read p99 {:>7.3} ms  errors {}        ",
+                    second,
+                    if load { "load" } else { "run " },
+                    window.total() / o.threads.max(1) as u64 * o.threads as u64,
+                    read.value_at_quantile(0.99) as f64 / 1000.0,
+                    window.errors.values().sum::<u64>()
+                );
+                if let Some(f) = log.as_mut() {
+                    use hdrhistogram::serialization::{Serializer, V2DeflateSerializer};
+                    use std::io::Write;
+                    for op in OPS {
+                        let h = &window.latency[&op];
+                        if h.is_empty() {
+                            continue;
+                        }
+                        let mut bytes = Vec::new();
+                        V2DeflateSerializer::new().serialize(h, &mut bytes).expect("serialize histogram");
+                        let encoded = base64(&bytes);
+                        let _ = writeln!(
+                            f,
+                            "Tag={},{:.3},1.000,{:.3},{}",
+                            op.name(),
+                            second as f64 - 1.0,
+                            h.max() as f64 / 1000.0,
+                            encoded
+                        );
+                    }
+                }
+                window = Recorder::new();
+            }
+        }
+        eprintln!();
+        for h in handles {
+            h.join().expect("executor thread");
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let phase = if load { "load" } else { "run" };
+        println!(
+            "== {phase}: {} {} connections x pipeline {} ({}), {:.1} s ==",
+            if o.resp { "RESP" } else { "native" },
+            o.connections,
+            o.pipeline,
+            if o.rate > 0 { format!("open loop at {} ops/s", o.rate) } else { "closed loop".into() },
+            elapsed
+        );
+        println!(
+            "{:<18} {:>10} {:>11} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "operation", "count", "ops/s", "errors", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "p99.99", "max ms"
+        );
+        let mut ops_json = serde_json::Map::new();
+        for op in OPS {
+            let h = &total.latency[&op];
+            let errors = total.errors.get(&op).copied().unwrap_or(0);
+            if h.is_empty() && errors == 0 {
+                continue;
+            }
+            let p = percentiles(h);
+            let rate = h.len() as f64 / elapsed;
+            println!(
+                "{:<18} {:>10} {:>11.0} {:>8} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3}",
+                op.name(),
+                h.len(),
+                rate,
+                errors,
+                p[0],
+                p[1],
+                p[2],
+                p[3],
+                p[4],
+                p[5]
+            );
+            ops_json.insert(
+                op.name().into(),
+                serde_json::json!({"count": h.len(), "ops_per_s": rate, "errors": errors,
+                    "p50_ms": p[0], "p90_ms": p[1], "p99_ms": p[2], "p999_ms": p[3], "p9999_ms": p[4], "max_ms": p[5]}),
+            );
+        }
+        let throughput = total.total() as f64 / elapsed;
+        println!(
+            "total {:.0} ops/s; reads that saw siblings: {} ({} siblings)",
+            throughput, total.reads_with_siblings, total.siblings_seen
+        );
+        summary.insert(
+            phase.into(),
+            serde_json::json!({"seconds": elapsed, "ops_per_s": throughput, "operations": ops_json,
+                "reads_with_siblings": total.reads_with_siblings, "siblings_seen": total.siblings_seen}),
+        );
+    }
+    if let Some(path) = &o.json {
+        summary.insert(
+            "options".into(),
+            serde_json::json!({"address": o.address.to_string(), "resp": o.resp, "workload": format!("{:?}", o.workload),
+                "records": o.records, "value_bytes": o.value_bytes, "connections": o.connections, "pipeline": o.pipeline,
+                "rate": o.rate, "threads": o.threads}),
+        );
+        std::fs::write(path, serde_json::to_string_pretty(&summary).expect("json")).expect("write --json");
+    }
+}
+
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[allow(dead_code)]
+fn is_opcode(o: u8) -> bool {
+    Opcode::from_u8(o).is_some()
+}
