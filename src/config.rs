@@ -50,6 +50,10 @@ pub struct StorageConfig {
     pub commit_batch_bytes_max: usize,
     /// Per shard: cache of recently read values.
     pub read_cache_bytes: usize,
+    /// Also cache values as they are written (write-through), so that
+    /// recently written values, and the version sets a read-modify-write
+    /// reads back, come from memory.
+    pub cache_writes: bool,
     pub key_bytes_max: usize,
     pub value_bytes_max: usize,
     /// A sealed segment is compacted when this fraction of its bytes is dead.
@@ -74,6 +78,7 @@ impl Default for StorageConfig {
             commit_log_files_max: 4,
             commit_batch_bytes_max: 32 << 20,
             read_cache_bytes: 64 << 20,
+            cache_writes: true,
             key_bytes_max: 4096,
             value_bytes_max: 16 << 20,
             compaction_dead_ratio: 0.5,

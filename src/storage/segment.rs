@@ -349,6 +349,14 @@ impl<D: Disk> PartitionState<D> {
         active.last_lsn = lsn;
         active.dirty_since.get_or_insert_with(|| inner.disk.now());
         let slot = active.slot;
+        if kind == RecordKind::Put && inner.config.cache_writes {
+            let at = (offset - active.tail_start) as usize;
+            let value_start = at + RECORD_HEADER_BYTES + align_up(key.len(), RECORD_ALIGN_BYTES);
+            let bytes =
+                &active.tail.as_ref().expect("just written").as_bytes()[value_start..value_start + value_len as usize];
+            let segment_id = self.segments[slot as usize].id;
+            inner.cache.borrow_mut().insert((self.id, segment_id, offset as u32), Rc::from(bytes));
+        }
         let needs_flush = active.has_unwritten() || !self.sealing.is_empty();
         buffered += len;
         let segment = &mut self.segments[slot as usize];
