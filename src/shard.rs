@@ -69,6 +69,8 @@ pub struct Shard {
     pub config: Rc<Config>,
     pub peers: Vec<async_channel::Sender<PeerMessage>>,
     locks: Box<[futures::lock::Mutex<()>]>,
+    /// Reused by writes to encode version sets.
+    encode_buffer: Cell<rkyv::util::AlignedVec<16>>,
     pub stats: RefCell<ShardStats>,
     /// Set when the node is stopping: stop accepting and reading.
     pub stopping: Cell<bool>,
@@ -98,11 +100,16 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-/// One operation's outcome: a status and a reply body.
-pub type Outcome = (Status, Vec<u8>);
+/// A failed operation: its status and a message for the reply body.
+struct Fail {
+    status: Status,
+    message: String,
+}
 
-fn error(status: Status, message: impl Into<String>) -> Outcome {
-    (status, message.into().into_bytes())
+impl Fail {
+    fn new(status: Status, message: impl Into<String>) -> Self {
+        Self { status, message: message.into() }
+    }
 }
 
 impl Shard {
@@ -125,6 +132,7 @@ impl Shard {
             store,
             peers,
             locks: (0..LOCK_STRIPES).map(|_| futures::lock::Mutex::new(())).collect(),
+            encode_buffer: Cell::new(rkyv::util::AlignedVec::new()),
             stats: RefCell::new(ShardStats::default()),
             stopping: Cell::new(false),
             stop: Notify::default(),
@@ -147,34 +155,33 @@ impl Shard {
         shard_of(self.partition(key), self.shard_count)
     }
 
-    fn check_key(&self, key: &[u8]) -> Result<(), Outcome> {
+    fn check_key(&self, key: &[u8]) -> Result<(), Fail> {
         if key.is_empty() {
-            return Err(error(Status::BadRequest, "empty key"));
+            return Err(Fail::new(Status::BadRequest, "empty key"));
         }
         let limit = self.config.storage.key_bytes_max;
         if key.len() > limit {
-            return Err(error(Status::KeyTooLarge, format!("key of {} bytes is over the limit of {limit}", key.len())));
+            return Err(Fail::new(
+                Status::KeyTooLarge,
+                format!("key of {} bytes is over the limit of {limit}", key.len()),
+            ));
         }
         Ok(())
     }
 
-    async fn read_set(&self, partition: u32, key: &[u8]) -> Result<Option<VersionSet>, Outcome> {
-        match self.store.get(partition, key).await {
-            Ok(None) => Ok(None),
-            Ok(Some(bytes)) => encoding::decode(&bytes)
-                .map(Some)
-                .map_err(|e| error(Status::Internal, format!("stored version set unreadable: {e}"))),
-            Err(e) => Err(error(status_of(&e), e.to_string())),
-        }
+    /// The stored bytes of a key's version set.
+    async fn read_raw(&self, partition: u32, key: &[u8]) -> Result<Option<Rc<[u8]>>, Fail> {
+        self.store.get(partition, key).await.map_err(|e| Fail::new(status_of(&e), e.to_string()))
     }
 
     /// Read-modify-write of a key's version set under its stripe lock.
-    /// `context` None means "supersede everything this node holds".
-    async fn write(&self, key: &[u8], context: Option<Context>, value: Sibling) -> Result<VersionSet, Outcome> {
+    /// `context` None means "supersede everything this node holds" (the
+    /// result then needs only the stored version vector, read in place).
+    async fn write(&self, key: &[u8], context: Option<Context>, value: Sibling) -> Result<VersionSet, Fail> {
         self.check_key(key)?;
         if !value.tombstone && value.value.len() > self.config.node.value_bytes_max {
             let limit = self.config.node.value_bytes_max;
-            return Err(error(
+            return Err(Fail::new(
                 Status::ValueTooLarge,
                 format!("value of {} bytes is over the limit of {limit}", value.value.len()),
             ));
@@ -182,22 +189,48 @@ impl Shard {
         let partition = self.partition(key);
         let stripe = (xxhash_rust::xxh3::xxh3_64(key) as usize) % LOCK_STRIPES;
         let _guard = self.locks[stripe].lock().await;
-        let stored = self.read_set(partition, key).await?;
-        let context = context.unwrap_or_else(|| stored.as_ref().map(VersionSet::join).unwrap_or_default());
-        let next = VersionSet::write(stored.as_ref(), &context, value, self.actor);
+        let stored = self.read_raw(partition, key).await?;
+        let unreadable =
+            |e: encoding::DecodeError| Fail::new(Status::Internal, format!("stored version set unreadable: {e}"));
+        let next = match (&stored, context) {
+            (None, context) => VersionSet::write(None, &context.unwrap_or_default(), value, self.actor),
+            (Some(bytes), None) => {
+                encoding::with_view(bytes, |view| view.overwrite(value, self.actor)).map_err(unreadable)?
+            }
+            (Some(bytes), Some(context)) => {
+                let set = encoding::decode(bytes).map_err(unreadable)?;
+                VersionSet::write(Some(&set), &context, value, self.actor)
+            }
+        };
         if next.len() > self.config.node.siblings_max {
-            return Err(error(
+            return Err(Fail::new(
                 Status::BadRequest,
                 format!("the write would leave {} siblings (limit {}): read the key and write back a resolved value with its context", next.len(), self.config.node.siblings_max),
             ));
         }
-        let bytes = encoding::encode(&next);
-        self.store.put(partition, key, &bytes).await.map_err(|e| error(status_of(&e), e.to_string()))?;
+        // Encode into the shard's reusable buffer (taken out while in use:
+        // a concurrent write simply allocates its own).
+        let mut bytes = self.encode_buffer.take();
+        encoding::encode_into(&next, &mut bytes);
+        let stored = self.store.put(partition, key, &bytes).await;
+        self.encode_buffer.replace(bytes);
+        stored.map_err(|e| Fail::new(status_of(&e), e.to_string()))?;
         Ok(next)
     }
 
-    /// Executes one operation owned by this shard.
-    pub async fn execute(&self, opcode: u8, body: &[u8]) -> Outcome {
+    /// Executes one operation owned by this shard, appending its reply body
+    /// to `out`.
+    pub async fn execute(&self, opcode: u8, body: &[u8], out: &mut Vec<u8>) -> Status {
+        match self.execute_inner(opcode, body, out).await {
+            Ok(status) => status,
+            Err(Fail { status, message }) => {
+                out.extend_from_slice(message.as_bytes());
+                status
+            }
+        }
+    }
+
+    async fn execute_inner(&self, opcode: u8, body: &[u8], out: &mut Vec<u8>) -> Result<Status, Fail> {
         self.stats.borrow_mut().requests += 1;
         #[cfg(debug_assertions)]
         if let Some(key) = &self.fault_panic_key {
@@ -205,114 +238,99 @@ impl Shard {
                 panic!("fault injection: shard {} panics on request", self.index);
             }
         }
+        let now = now_ms;
+        let unreadable =
+            |e: encoding::DecodeError| Fail::new(Status::Internal, format!("stored version set unreadable: {e}"));
         match opcode {
-            internal::OVERWRITE => {
-                let (key, value) = match split_key(body) {
-                    Some(kv) => kv,
-                    None => return error(Status::BadRequest, "malformed overwrite"),
-                };
-                let sibling = Sibling { value: value.to_vec(), tombstone: false, written_ms: now_ms() };
-                return match self.write(key, None, sibling).await {
-                    Ok(_) => (Status::Ok, Vec::new()),
-                    Err(e) => e,
-                };
-            }
-            internal::DELETE_ALL => {
-                if let Err(e) = self.check_key(body) {
-                    return e;
-                }
-                match self.read_set(self.partition(body), body).await {
-                    Ok(Some(set)) if !set.is_deleted() => {}
-                    Ok(_) => return (Status::Ok, vec![0]),
-                    Err(e) => return e,
-                }
-                let tombstone = Sibling { value: Vec::new(), tombstone: true, written_ms: now_ms() };
-                return match self.write(body, None, tombstone).await {
-                    Ok(_) => (Status::Ok, vec![1]),
-                    Err(e) => e,
-                };
-            }
             internal::GET_LATEST | internal::EXISTS => {
-                if let Err(e) = self.check_key(body) {
-                    return e;
-                }
-                return match self.read_set(self.partition(body), body).await {
-                    Ok(Some(set)) => match set.last_written() {
-                        Some(s) if !s.tombstone => {
-                            (Status::Ok, if opcode == internal::EXISTS { Vec::new() } else { s.value.clone() })
+                self.check_key(body)?;
+                let Some(bytes) = self.read_raw(self.partition(body), body).await? else { return Ok(Status::NotFound) };
+                return encoding::with_view(&bytes, |view| match view.last_written() {
+                    Some(s) if !s.tombstone => {
+                        if opcode == internal::GET_LATEST {
+                            out.extend_from_slice(s.value.as_slice());
                         }
-                        _ => (Status::NotFound, Vec::new()),
-                    },
-                    Ok(None) => (Status::NotFound, Vec::new()),
-                    Err(e) => e,
-                };
+                        Status::Ok
+                    }
+                    _ => Status::NotFound,
+                })
+                .map_err(unreadable);
             }
             _ => {}
         }
-        let request = match decode_request(opcode, body) {
-            Ok(r) => r,
-            Err(e) => return error(e.status(), e.message()),
-        };
+        let request = decode_request(opcode, body).map_err(|e| Fail::new(e.status(), e.message()))?;
         match request {
-            Request::Ping(b) => (Status::Ok, b.to_vec()),
+            Request::Ping(b) => {
+                out.extend_from_slice(b);
+                Ok(Status::Ok)
+            }
             Request::Status => {
-                let mut out = Vec::new();
-                self.node_status().encode(&mut out);
-                (Status::Ok, out)
+                self.node_status().encode(out);
+                Ok(Status::Ok)
             }
             Request::Get { key } => {
-                if let Err(e) = self.check_key(key) {
-                    return e;
-                }
-                let partition = self.partition(key);
-                match self.store.get(partition, key).await {
-                    Ok(None) => (Status::NotFound, Vec::new()),
-                    Ok(Some(bytes)) => match encoding::decode(&bytes) {
-                        // A deleted key reads as not found, with the context
-                        // a later write needs to supersede the tombstone.
-                        Ok(set) if set.is_deleted() => (Status::NotFound, set.join().encode()),
-                        Ok(_) => (Status::Ok, bytes.to_vec()),
-                        Err(e) => error(Status::Internal, format!("stored version set unreadable: {e}")),
-                    },
-                    Err(e) => error(status_of(&e), e.to_string()),
+                self.check_key(key)?;
+                let Some(bytes) = self.read_raw(self.partition(key), key).await? else { return Ok(Status::NotFound) };
+                // A deleted key reads as not found, with the context a later
+                // write needs to supersede the tombstone.
+                let deleted =
+                    encoding::with_view(&bytes, |view| view.is_deleted().then(|| view.join())).map_err(unreadable)?;
+                match deleted {
+                    Some(context) => {
+                        out.extend_from_slice(&context.encode());
+                        Ok(Status::NotFound)
+                    }
+                    None => {
+                        out.extend_from_slice(&bytes);
+                        Ok(Status::Ok)
+                    }
                 }
             }
             Request::Put { key, context, value } => {
-                let context = match self.context(context) {
-                    Ok(c) => c,
-                    Err(e) => return e,
-                };
-                let sibling = Sibling { value: value.to_vec(), tombstone: false, written_ms: now_ms() };
-                match self.write(key, Some(context), sibling).await {
-                    Ok(set) => (Status::Ok, set.join().encode()),
-                    Err(e) => e,
-                }
+                let context = self.context(context)?;
+                let sibling = Sibling { value: value.to_vec(), tombstone: false, written_ms: now() };
+                let set = self.write(key, Some(context), sibling).await?;
+                out.extend_from_slice(&set.join().encode());
+                Ok(Status::Ok)
             }
             Request::Delete { key, context } => {
-                let context = match self.context(context) {
-                    Ok(c) => c,
-                    Err(e) => return e,
-                };
-                let tombstone = Sibling { value: Vec::new(), tombstone: true, written_ms: now_ms() };
-                match self.write(key, Some(context), tombstone).await {
-                    Ok(set) => (Status::Ok, set.join().encode()),
-                    Err(e) => e,
-                }
+                let context = self.context(context)?;
+                let tombstone = Sibling { value: Vec::new(), tombstone: true, written_ms: now() };
+                let set = self.write(key, Some(context), tombstone).await?;
+                out.extend_from_slice(&set.join().encode());
+                Ok(Status::Ok)
             }
-            Request::Batch(_) => error(Status::BadRequest, "batches do not nest"),
-            Request::Overwrite { .. } | Request::DeleteAll { .. } => unreachable!("handled above"),
+            Request::Overwrite { key, value } => {
+                let sibling = Sibling { value: value.to_vec(), tombstone: false, written_ms: now() };
+                self.write(key, None, sibling).await?;
+                Ok(Status::Ok)
+            }
+            Request::DeleteAll { key } => {
+                self.check_key(key)?;
+                let live = match self.read_raw(self.partition(key), key).await? {
+                    None => false,
+                    Some(bytes) => !encoding::with_view(&bytes, |view| view.is_deleted()).map_err(unreadable)?,
+                };
+                if live {
+                    let tombstone = Sibling { value: Vec::new(), tombstone: true, written_ms: now() };
+                    self.write(key, None, tombstone).await?;
+                }
+                out.push(u8::from(live));
+                Ok(Status::Ok)
+            }
+            Request::Batch(_) => Err(Fail::new(Status::BadRequest, "batches do not nest")),
         }
     }
 
-    fn context(&self, bytes: &[u8]) -> Result<Context, Outcome> {
+    fn context(&self, bytes: &[u8]) -> Result<Context, Fail> {
         let limit = self.config.node.context_bytes_max;
         if bytes.len() > limit {
-            return Err(error(
+            return Err(Fail::new(
                 Status::BadRequest,
                 format!("context of {} bytes is over the limit of {limit}", bytes.len()),
             ));
         }
-        Context::decode(bytes).ok_or_else(|| error(Status::BadRequest, "malformed context"))
+        Context::decode(bytes).ok_or_else(|| Fail::new(Status::BadRequest, "malformed context"))
     }
 
     pub fn node_status(&self) -> NodeStatus {
@@ -340,20 +358,33 @@ impl Shard {
         }
     }
 
-    /// Executes a batch of operations owned by this shard, concurrently (so
-    /// that group-mode writes share commit-log batches), replies in order.
+    /// Executes a batch of operations owned by this shard, replies in
+    /// order. In `group` mode operations run concurrently so that their
+    /// writes share commit-log batches; otherwise they complete without
+    /// waiting for the disk (unless a read misses every cache), and run one
+    /// after another with replies written straight into the response.
     pub async fn execute_batch(&self, body: &[u8]) -> Vec<u8> {
-        let mut ops = Vec::new();
-        for entry in batch::requests(body) {
-            match entry {
-                Ok(op) => ops.push(op),
-                Err(_) => break,
+        let mut out = Vec::with_capacity(body.len() + 64);
+        if self.config.storage.sync_mode == crate::config::SyncMode::Group {
+            let ops: Vec<(u8, &[u8])> = batch::requests(body).map_while(Result::ok).collect();
+            let outcomes = futures::future::join_all(ops.iter().map(|(opcode, body)| async move {
+                let mut reply = Vec::new();
+                let status = self.execute(*opcode, body, &mut reply).await;
+                (status, reply)
+            }))
+            .await;
+            for ((opcode, _), (status, reply)) in ops.iter().zip(outcomes) {
+                batch::push_response_with(&mut out, *opcode, status as u8, |o| o.extend_from_slice(&reply));
             }
+            return out;
         }
-        let outcomes = futures::future::join_all(ops.iter().map(|(opcode, body)| self.execute(*opcode, body))).await;
-        let mut out = Vec::with_capacity(outcomes.iter().map(|(_, b)| b.len() + 6).sum());
-        for ((opcode, _), (status, reply)) in ops.iter().zip(outcomes) {
-            batch::push_response_with(&mut out, *opcode, status as u8, |o| o.extend_from_slice(&reply));
+        for (opcode, op_body) in batch::requests(body).map_while(Result::ok) {
+            let at = out.len();
+            out.extend_from_slice(&[opcode, 0, 0, 0, 0, 0]);
+            let status = self.execute(opcode, op_body, &mut out).await;
+            let len = (out.len() - at - 6) as u32;
+            out[at + 1] = status as u8;
+            out[at + 2..at + 6].copy_from_slice(&len.to_le_bytes());
         }
         out
     }

@@ -257,3 +257,32 @@ fn a_panicking_shard_stops_the_node_with_a_non_zero_exit() {
     assert!(!status.success(), "exit {status:?}");
     assert!(node.log().contains("stopped unexpectedly (it panicked)"), "{}", node.log());
 }
+
+/// The client works from a plain tokio program, and a request that gets no
+/// reply in time reports an unknown outcome (never a failure).
+#[test]
+fn the_client_runs_under_tokio_and_reports_timeouts_as_unknown_outcomes() {
+    let dir = scratch("e2e-tokio-");
+    let node = Node::start(&dir.path().join("data"), "127.0.0.22", &["--shards", "2"]);
+    let address = node.client_address();
+    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    runtime.block_on(async {
+        let options = ringkv::client::ClientOptions { timeout: Duration::from_millis(500), ..Default::default() };
+        let c = ringkv::client::Client::connect(address, options).unwrap();
+        c.put(b"from-tokio", b"works", None).await.unwrap();
+        let got = c.get(b"from-tokio").await.unwrap().unwrap();
+        assert_eq!(got.siblings, vec![b"works".to_vec()]);
+        // Freeze the node: the write may or may not happen, and the client
+        // must say exactly that.
+        // SAFETY: signalling our own child by PID.
+        unsafe { libc::kill(node.pid(), libc::SIGSTOP) };
+        let result = c.put(b"frozen", b"maybe", None).await;
+        unsafe { libc::kill(node.pid(), libc::SIGCONT) };
+        match result {
+            Err(ringkv::client::ClientError::UnknownOutcome { .. }) => {}
+            other => panic!("expected an unknown outcome, got {other:?}"),
+        }
+        // Once the node runs again, the connection still serves.
+        c.ping().await.unwrap();
+    });
+}

@@ -224,6 +224,42 @@ impl VersionSet {
     }
 }
 
+impl ArchivedVersionSet {
+    /// Values with their dots, read in place.
+    fn archived_values(&self) -> impl Iterator<Item = (Option<(Actor, u64)>, &ArchivedSibling)> {
+        self.anonymous.iter().map(|v| (None, v)).chain(self.entries.iter().flat_map(|e| {
+            let (actor, counter) = (e.actor.to_native(), e.counter.to_native());
+            e.values.iter().enumerate().map(move |(i, v)| (Some((actor, counter - i as u64)), v))
+        }))
+    }
+
+    /// `VersionSet::last_written`, without deserializing.
+    pub fn last_written(&self) -> Option<&ArchivedSibling> {
+        self.archived_values().max_by_key(|(dot, v)| (v.written_ms.to_native(), *dot)).map(|(_, v)| v)
+    }
+
+    pub fn is_deleted(&self) -> bool {
+        self.archived_values().all(|(_, v)| v.tombstone)
+    }
+
+    pub fn join(&self) -> Context {
+        Context(self.entries.iter().map(|e| (e.actor.to_native(), e.counter.to_native())).collect())
+    }
+
+    /// A write superseding every version here (its context is this set's
+    /// version vector): the result keeps only the counters, plus `value` at
+    /// a new dot of `actor`. Equal to `VersionSet::write(Some(self),
+    /// &self.join(), value, actor)`, without copying the old values.
+    pub fn overwrite(&self, value: Sibling, actor: Actor) -> VersionSet {
+        let entries = self
+            .entries
+            .iter()
+            .map(|e| Entry { actor: e.actor.to_native(), counter: e.counter.to_native(), values: Vec::new() })
+            .collect();
+        VersionSet { entries: event(entries, actor, value), anonymous: Vec::new() }
+    }
+}
+
 /// `event/3`: a new dot of `actor` for `value` on top of `entries`.
 fn event(mut entries: Vec<Entry>, actor: Actor, value: Sibling) -> Vec<Entry> {
     match entries.binary_search_by_key(&actor, |e| e.actor) {
@@ -317,6 +353,33 @@ pub mod encoding {
             .map_err(|e| DecodeError::Invalid(e.to_string()))
     }
 
+    /// Encodes into `out` (cleared first), reusing its allocation: the
+    /// header, then the archive (which rkyv aligns relative to the buffer
+    /// start, so it stays 16-byte aligned after the 16-byte header).
+    pub fn encode_into(set: &VersionSet, out: &mut rkyv::util::AlignedVec<16>) {
+        out.clear();
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&[0u8; 8]);
+        let writer = std::mem::take(out);
+        *out = rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(set, writer)
+            .expect("serializing to memory cannot fail");
+    }
+
+    /// Runs `f` on a validated zero-copy view of `bytes`, copying into an
+    /// aligned buffer first only if `bytes` is not 16-byte aligned.
+    pub fn with_view<T>(bytes: &[u8], f: impl FnOnce(&ArchivedVersionSet) -> T) -> Result<T, DecodeError> {
+        let body = archive(bytes)?;
+        if (body.as_ptr() as usize).is_multiple_of(16) {
+            return access(bytes).map(f);
+        }
+        let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(body.len());
+        aligned.extend_from_slice(body);
+        let archived = rkyv::access::<ArchivedVersionSet, rkyv::rancor::BoxedError>(&aligned)
+            .map_err(|e| DecodeError::Invalid(e.to_string()))?;
+        Ok(f(archived))
+    }
+
     /// Validates and deserializes, whatever the alignment of `bytes`.
     pub fn decode(bytes: &[u8]) -> Result<VersionSet, DecodeError> {
         let body = archive(bytes)?;
@@ -404,6 +467,39 @@ mod tests {
 
     fn decode_items(bytes: &[u8]) -> Vec<String> {
         String::from_utf8(bytes.to_vec()).unwrap().split(',').filter(|s| !s.is_empty()).map(String::from).collect()
+    }
+
+    #[test]
+    fn archived_views_agree_with_owned_sets() {
+        let a = VersionSet::write(None, &Context::default(), v("x"), 3);
+        let mut b = VersionSet::write(
+            Some(&a),
+            &Context::default(),
+            Sibling { value: b"y".to_vec(), tombstone: false, written_ms: 5 },
+            9,
+        );
+        b = VersionSet::write(
+            Some(&b),
+            &Context::default(),
+            Sibling { value: b"z".to_vec(), tombstone: true, written_ms: 7 },
+            3,
+        );
+        let mut buf = rkyv::util::AlignedVec::<16>::new();
+        encoding::encode_into(&b, &mut buf);
+        assert_eq!(encoding::decode(&buf).unwrap(), b);
+        encoding::with_view(&buf, |view| {
+            assert_eq!(view.join(), b.join());
+            assert_eq!(view.is_deleted(), b.is_deleted());
+            let last = view.last_written().unwrap();
+            assert_eq!(last.value.as_slice(), b.last_written().unwrap().value.as_slice());
+            let new = Sibling { value: b"w".to_vec(), tombstone: false, written_ms: 9 };
+            assert_eq!(view.overwrite(new.clone(), 4), VersionSet::write(Some(&b), &b.join(), new, 4));
+        })
+        .unwrap();
+        // A misaligned copy is viewed through an aligned copy.
+        let mut shifted = vec![0u8];
+        shifted.extend_from_slice(&buf);
+        assert_eq!(encoding::with_view(&shifted[1..], |v| v.join()).unwrap(), b.join());
     }
 
     #[test]
