@@ -102,12 +102,38 @@ pub fn ports(config: &Config, shards: u32) -> Vec<(u16, Protocol, Option<u32>)> 
     ports
 }
 
+/// How long a busy port is retried before startup fails. A node killed with
+/// SIGKILL keeps its listening sockets open until the kernel has torn down
+/// its io_uring rings, which happens asynchronously after the process is
+/// gone; an immediate restart (a supervisor, a crash loop) must not fail
+/// because of that, while a port that another server really holds still
+/// fails within this bound.
+const BUSY_PORT_WAIT: Duration = Duration::from_secs(3);
+const BUSY_PORT_POLL: Duration = Duration::from_millis(20);
+
 /// glommio binds with SO_REUSEPORT, so a port held by another process that
 /// also set it would be shared silently: check each port without it first.
 fn check_ports(address: IpAddr, ports: &[(u16, Protocol, Option<u32>)]) -> Result<(), NodeError> {
+    let give_up_at = std::time::Instant::now() + BUSY_PORT_WAIT;
     for (port, _, _) in ports {
         let address = SocketAddr::new(address, *port);
-        probe_port(address).map_err(|source| NodeError::PortInUse { address, source })?;
+        let mut warned = false;
+        loop {
+            match probe_port(address) {
+                Ok(()) => break,
+                Err(source) if source.kind() == std::io::ErrorKind::AddrInUse => {
+                    if std::time::Instant::now() >= give_up_at {
+                        return Err(NodeError::PortInUse { address, source });
+                    }
+                    if !warned {
+                        tracing::info!(%address, wait_ms = BUSY_PORT_WAIT.as_millis() as u64, "port busy; waiting in case a previous instance is still closing");
+                        warned = true;
+                    }
+                    std::thread::sleep(BUSY_PORT_POLL);
+                }
+                Err(source) => return Err(NodeError::PortInUse { address, source }),
+            }
+        }
     }
     Ok(())
 }

@@ -26,7 +26,7 @@ use crate::protocol::frame::{Opcode, Status};
 use crate::protocol::messages::{batch, decode_request, NodeStatus, Request};
 use crate::runtime::DmaDisk;
 use crate::storage::sync::Notify;
-use crate::storage::{ShardStore, StorageError};
+use crate::storage::{ShardStore, StorageError, TryPut};
 
 /// Peer-only operations (the Redis port's semantics); refused from clients.
 pub mod internal {
@@ -71,6 +71,8 @@ pub struct Shard {
     locks: Box<[futures::lock::Mutex<()>]>,
     /// Reused by writes to encode version sets.
     encode_buffer: Cell<rkyv::util::AlignedVec<16>>,
+    /// Keys with a write not yet durable (group mode), see `write`.
+    pending: RefCell<std::collections::HashMap<Vec<u8>, Pending>>,
     pub stats: RefCell<ShardStats>,
     /// Set when the node is stopping: stop accepting and reading.
     pub stopping: Cell<bool>,
@@ -98,6 +100,29 @@ fn status_of(error: &StorageError) -> Status {
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What a write does to a key's version set.
+enum WriteKind {
+    /// A value (or tombstone) under a context; no context: supersede
+    /// everything this node holds.
+    Value { context: Option<Context>, value: Sibling },
+    /// A tombstone superseding everything, only if a live value exists.
+    DeleteIfLive,
+}
+
+/// A write in a commit batch that is not durable yet (group mode).
+#[derive(Clone)]
+struct Pending {
+    bytes: Rc<[u8]>,
+    batch: u64,
+    done: Rc<PendingDone>,
+}
+
+#[derive(Default)]
+struct PendingDone {
+    finished: Cell<bool>,
+    notify: Notify,
 }
 
 /// A failed operation: its status and a message for the reply body.
@@ -133,6 +158,7 @@ impl Shard {
             peers,
             locks: (0..LOCK_STRIPES).map(|_| futures::lock::Mutex::new(())).collect(),
             encode_buffer: Cell::new(rkyv::util::AlignedVec::new()),
+            pending: RefCell::new(std::collections::HashMap::new()),
             stats: RefCell::new(ShardStats::default()),
             stopping: Cell::new(false),
             stop: Notify::default(),
@@ -175,47 +201,113 @@ impl Shard {
     }
 
     /// Read-modify-write of a key's version set under its stripe lock.
-    /// `context` None means "supersede everything this node holds" (the
-    /// result then needs only the stored version vector, read in place).
-    async fn write(&self, key: &[u8], context: Option<Context>, value: Sibling) -> Result<VersionSet, Fail> {
+    ///
+    /// In `group` mode a write is visible only once durable, so the lock
+    /// would have to be held across the fdatasync and a hot key would take
+    /// one write per commit batch (a convoy under zipfian load). Instead the
+    /// lock is held only until the write is in the open batch, and the key
+    /// is noted as pending: a later writer builds on a pending write only if
+    /// it is still in the open batch (then both share one fdatasync and
+    /// succeed or fail together); otherwise it waits for that write to be
+    /// durable and reads the stored state. No write ever builds on one that
+    /// could still fail in another batch.
+    async fn write(&self, key: &[u8], kind: WriteKind) -> Result<Option<VersionSet>, Fail> {
         self.check_key(key)?;
-        if !value.tombstone && value.value.len() > self.config.node.value_bytes_max {
-            let limit = self.config.node.value_bytes_max;
-            return Err(Fail::new(
-                Status::ValueTooLarge,
-                format!("value of {} bytes is over the limit of {limit}", value.value.len()),
-            ));
+        if let WriteKind::Value { value, .. } = &kind {
+            if !value.tombstone && value.value.len() > self.config.node.value_bytes_max {
+                let limit = self.config.node.value_bytes_max;
+                return Err(Fail::new(
+                    Status::ValueTooLarge,
+                    format!("value of {} bytes is over the limit of {limit}", value.value.len()),
+                ));
+            }
         }
         let partition = self.partition(key);
+        let group = self.config.storage.sync_mode == crate::config::SyncMode::Group;
         let stripe = (xxhash_rust::xxh3::xxh3_64(key) as usize) % LOCK_STRIPES;
-        let _guard = self.locks[stripe].lock().await;
-        let stored = self.read_raw(partition, key).await?;
+        let guard = self.locks[stripe].lock().await;
         let unreadable =
             |e: encoding::DecodeError| Fail::new(Status::Internal, format!("stored version set unreadable: {e}"));
-        let next = match (&stored, context) {
-            (None, context) => VersionSet::write(None, &context.unwrap_or_default(), value, self.actor),
-            (Some(bytes), None) => {
-                encoding::with_view(bytes, |view| view.overwrite(value, self.actor)).map_err(unreadable)?
+        loop {
+            let base = loop {
+                let pending = self.pending.borrow().get(key).cloned();
+                match pending {
+                    Some(p) if p.batch == self.store.open_batch() => break Some(p.bytes),
+                    Some(p) if !p.done.finished.get() => {
+                        let done = p.done.notify.listen();
+                        if !p.done.finished.get() {
+                            done.await;
+                        }
+                    }
+                    _ => break self.read_raw(partition, key).await?,
+                }
+            };
+            let next = match (&base, &kind) {
+                (Some(bytes), WriteKind::DeleteIfLive) => {
+                    let live = encoding::with_view(bytes, |view| !view.is_deleted()).map_err(unreadable)?;
+                    if !live {
+                        return Ok(None);
+                    }
+                    let tombstone = Sibling { value: Vec::new(), tombstone: true, written_ms: now_ms() };
+                    encoding::with_view(bytes, |view| view.overwrite(tombstone, self.actor)).map_err(unreadable)?
+                }
+                (None, WriteKind::DeleteIfLive) => return Ok(None),
+                (None, WriteKind::Value { context, value }) => {
+                    VersionSet::write(None, &context.clone().unwrap_or_default(), value.clone(), self.actor)
+                }
+                (Some(bytes), WriteKind::Value { context: None, value }) => {
+                    encoding::with_view(bytes, |view| view.overwrite(value.clone(), self.actor)).map_err(unreadable)?
+                }
+                (Some(bytes), WriteKind::Value { context: Some(context), value }) => {
+                    let set = encoding::decode(bytes).map_err(unreadable)?;
+                    VersionSet::write(Some(&set), context, value.clone(), self.actor)
+                }
+            };
+            if next.len() > self.config.node.siblings_max {
+                return Err(Fail::new(
+                    Status::BadRequest,
+                    format!("the write would leave {} siblings (limit {}): read the key and write back a resolved value with its context", next.len(), self.config.node.siblings_max),
+                ));
             }
-            (Some(bytes), Some(context)) => {
-                let set = encoding::decode(bytes).map_err(unreadable)?;
-                VersionSet::write(Some(&set), &context, value, self.actor)
+            // Encode into the shard's reusable buffer (taken out while in
+            // use: a concurrent write simply allocates its own).
+            let mut bytes = self.encode_buffer.take();
+            encoding::encode_into(&next, &mut bytes);
+            let attempt = self.store.try_put(partition, key, &bytes);
+            let queued = match attempt {
+                Ok(TryPut::Queued(queued)) => queued,
+                Ok(TryPut::WouldWait) => {
+                    self.encode_buffer.replace(bytes);
+                    // The batch or the buffers are full: wait, then start
+                    // over (the base may have become durable meanwhile).
+                    self.store.wait_to_write().await;
+                    continue;
+                }
+                Err(e) => {
+                    self.encode_buffer.replace(bytes);
+                    return Err(Fail::new(status_of(&e), e.to_string()));
+                }
+            };
+            let done = group.then(|| {
+                let done = Rc::new(PendingDone::default());
+                let entry = Pending { bytes: Rc::from(&bytes[..]), batch: queued.batch_seq, done: done.clone() };
+                self.pending.borrow_mut().insert(key.to_vec(), entry);
+                done
+            });
+            self.encode_buffer.replace(bytes);
+            drop(guard);
+            let result = queued.durable().await;
+            if let Some(done) = done {
+                done.finished.set(true);
+                done.notify.notify();
+                let mut pending = self.pending.borrow_mut();
+                if pending.get(key).is_some_and(|p| Rc::ptr_eq(&p.done, &done)) {
+                    pending.remove(key);
+                }
             }
-        };
-        if next.len() > self.config.node.siblings_max {
-            return Err(Fail::new(
-                Status::BadRequest,
-                format!("the write would leave {} siblings (limit {}): read the key and write back a resolved value with its context", next.len(), self.config.node.siblings_max),
-            ));
+            result.map_err(|e| Fail::new(status_of(&e), e.to_string()))?;
+            return Ok(Some(next));
         }
-        // Encode into the shard's reusable buffer (taken out while in use:
-        // a concurrent write simply allocates its own).
-        let mut bytes = self.encode_buffer.take();
-        encoding::encode_into(&next, &mut bytes);
-        let stored = self.store.put(partition, key, &bytes).await;
-        self.encode_buffer.replace(bytes);
-        stored.map_err(|e| Fail::new(status_of(&e), e.to_string()))?;
-        Ok(next)
     }
 
     /// Executes one operation owned by this shard, appending its reply body
@@ -288,34 +380,32 @@ impl Shard {
             }
             Request::Put { key, context, value } => {
                 let context = self.context(context)?;
-                let sibling = Sibling { value: value.to_vec(), tombstone: false, written_ms: now() };
-                let set = self.write(key, Some(context), sibling).await?;
+                let value = Sibling { value: value.to_vec(), tombstone: false, written_ms: now() };
+                let set = self
+                    .write(key, WriteKind::Value { context: Some(context), value })
+                    .await?
+                    .expect("a value write writes");
                 out.extend_from_slice(&set.join().encode());
                 Ok(Status::Ok)
             }
             Request::Delete { key, context } => {
                 let context = self.context(context)?;
-                let tombstone = Sibling { value: Vec::new(), tombstone: true, written_ms: now() };
-                let set = self.write(key, Some(context), tombstone).await?;
+                let value = Sibling { value: Vec::new(), tombstone: true, written_ms: now() };
+                let set = self
+                    .write(key, WriteKind::Value { context: Some(context), value })
+                    .await?
+                    .expect("a value write writes");
                 out.extend_from_slice(&set.join().encode());
                 Ok(Status::Ok)
             }
             Request::Overwrite { key, value } => {
-                let sibling = Sibling { value: value.to_vec(), tombstone: false, written_ms: now() };
-                self.write(key, None, sibling).await?;
+                let value = Sibling { value: value.to_vec(), tombstone: false, written_ms: now() };
+                self.write(key, WriteKind::Value { context: None, value }).await?;
                 Ok(Status::Ok)
             }
             Request::DeleteAll { key } => {
-                self.check_key(key)?;
-                let live = match self.read_raw(self.partition(key), key).await? {
-                    None => false,
-                    Some(bytes) => !encoding::with_view(&bytes, |view| view.is_deleted()).map_err(unreadable)?,
-                };
-                if live {
-                    let tombstone = Sibling { value: Vec::new(), tombstone: true, written_ms: now() };
-                    self.write(key, None, tombstone).await?;
-                }
-                out.push(u8::from(live));
+                let deleted = self.write(key, WriteKind::DeleteIfLive).await?.is_some();
+                out.push(u8::from(deleted));
                 Ok(Status::Ok)
             }
             Request::Batch(_) => Err(Fail::new(Status::BadRequest, "batches do not nest")),

@@ -195,6 +195,7 @@ impl<D: Disk> Inner<D> {
         let batch = {
             let mut st = self.state.borrow_mut();
             st.log.as_mut().expect("log mode").writing = true;
+            st.batch_seq += 1;
             std::mem::take(&mut st.batch)
         };
         self.batch_taken.notify();
@@ -234,7 +235,16 @@ impl<D: Disk> Inner<D> {
             return Ok(());
         };
         let padded = buffer.len();
+        let started = self.disk.now();
         self.ensure_log_room(padded as u64, batch.first_lsn).await?;
+        let switched = self.disk.now() - started;
+        if switched > Duration::from_millis(100) {
+            tracing::warn!(
+                shard = self.layout.shard,
+                wait_ms = switched.as_millis() as u64,
+                "commit log switch delayed a batch"
+            );
+        }
         let (file, path, pos) = {
             let mut st = self.state.borrow_mut();
             let st = &mut *st;
@@ -267,7 +277,18 @@ impl<D: Disk> Inner<D> {
             log.unsynced = true;
         }
         if self.config.sync_mode == SyncMode::Group {
-            if let Err(error) = file.fdatasync().await {
+            let sync_started = self.disk.now();
+            let synced = file.fdatasync().await;
+            let took = self.disk.now() - sync_started;
+            if took > Duration::from_millis(100) {
+                tracing::warn!(
+                    shard = self.layout.shard,
+                    fdatasync_ms = took.as_millis() as u64,
+                    bytes = padded,
+                    "slow commit-log fdatasync"
+                );
+            }
+            if let Err(error) = synced {
                 self.set_unhealthy(UnhealthyReason::FsyncFailed { path, source: std::sync::Arc::new(error) });
                 return Err(self.unhealthy_error());
             }

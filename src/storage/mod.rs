@@ -28,7 +28,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use disk::{Disk, DiskBuffer, DiskFile, OpenMode};
-pub use store::{Health, PartitionStore, ShardLayout, ShardStore, StorageStats, VerifyReport};
+pub use store::{Health, PartitionStore, Queued, ShardLayout, ShardStore, StorageStats, TryPut, VerifyReport};
 
 use crate::config::ConfigError;
 use format::{HeaderError, RecordError};

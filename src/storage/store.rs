@@ -158,6 +158,10 @@ pub(crate) struct State<D: Disk> {
     pub log: Option<CommitLog<D>>,
     pub batch: Batch<D>,
     pub next_lsn: u64,
+    /// Counts commit batches taken by the log task: writes enqueued under
+    /// the same value share one write and one fdatasync, and succeed or
+    /// fail together.
+    pub batch_seq: u64,
     /// Bytes in partition buffers not yet written to segment files.
     pub buffered_bytes: usize,
     pub unhealthy: Option<UnhealthyReason>,
@@ -236,6 +240,7 @@ impl<D: Disk> Inner<D> {
                 log: None,
                 batch: Batch::default(),
                 next_lsn: 1,
+                batch_seq: 0,
                 buffered_bytes: 0,
                 unhealthy: None,
                 full: None,
@@ -591,7 +596,7 @@ pub(crate) fn apply<D: Disk>(
 }
 
 /// Resolves when the log task completes the waiter `key`.
-struct WaitAck<'a, D: Disk> {
+pub struct WaitAck<'a, D: Disk> {
     inner: &'a Inner<D>,
     key: Option<usize>,
 }
@@ -627,6 +632,28 @@ impl<D: Disk> Drop for WaitAck<'_, D> {
                 // The write may still become durable; only nobody hears of it.
                 waiters[key] = WaiterSlot::Abandoned;
             }
+        }
+    }
+}
+
+/// Outcome of `ShardStore::try_put`.
+pub enum TryPut<'a, D: Disk> {
+    Queued(Queued<'a, D>),
+    WouldWait,
+}
+
+/// A write in a commit batch (or, outside group mode, already applied).
+pub struct Queued<'a, D: Disk> {
+    pub batch_seq: u64,
+    ack: Option<WaitAck<'a, D>>,
+}
+
+impl<D: Disk> Queued<'_, D> {
+    /// Waits until the write is durable per the sync mode.
+    pub async fn durable(self) -> Result<()> {
+        match self.ack {
+            Some(ack) => ack.await,
+            None => Ok(()),
         }
     }
 }
@@ -677,6 +704,40 @@ impl<D: Disk> ShardStore<D> {
     /// Stores `value` under `key`. Returns once durable per the sync mode.
     pub async fn put(&self, partition: u32, key: &[u8], value: &[u8]) -> Result<()> {
         self.inner.write(partition, RecordKind::Put, key, value).await
+    }
+
+    /// Enqueues a put without waiting for anything: `WouldWait` when the
+    /// batch or the buffers are full (then `wait_to_write` and try again).
+    /// The returned `Queued` names the commit batch the write is in (group
+    /// mode); awaiting `durable` gives the outcome `put` would have.
+    pub fn try_put(&self, partition: u32, key: &[u8], value: &[u8]) -> Result<TryPut<'_, D>> {
+        let inner = &*self.inner;
+        inner.check_partition(partition)?;
+        inner.check_key(key)?;
+        if value.len() > inner.config.value_bytes_max {
+            return Err(StorageError::ValueTooLarge { len: value.len(), limit: inner.config.value_bytes_max });
+        }
+        let len = record_len(key.len(), value.len());
+        let batch_seq = inner.state.borrow().batch_seq;
+        Ok(match inner.try_write(partition, RecordKind::Put, key, value, len)? {
+            WriteStep::Done => TryPut::Queued(Queued { batch_seq, ack: None }),
+            WriteStep::AwaitAck(waiter) => {
+                TryPut::Queued(Queued { batch_seq, ack: Some(WaitAck { inner, key: Some(waiter) }) })
+            }
+            WriteStep::WaitForSpace | WriteStep::WaitForBatch => TryPut::WouldWait,
+        })
+    }
+
+    /// Resolves when a `try_put` that said `WouldWait` may succeed.
+    pub async fn wait_to_write(&self) {
+        let room = self.inner.batch_taken.listen();
+        let space = self.inner.flushed.listen();
+        futures::future::select(room, space).await;
+    }
+
+    /// The commit batch writes enqueued now go into (group mode).
+    pub fn open_batch(&self) -> u64 {
+        self.inner.state.borrow().batch_seq
     }
 
     /// Physically removes `key` (writes a tombstone record so the removal

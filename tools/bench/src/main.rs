@@ -37,6 +37,7 @@ use ringkv::logic::ring::{partition_of, shard_of};
 use ringkv::protocol::frame::{self, Opcode, Status};
 use ringkv::protocol::messages::{encode_request, NodeStatus, Request};
 use ringkv::protocol::resp;
+use ringkv::storage::sync::Notify;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Workload {
@@ -300,15 +301,56 @@ fn parse_resp_reply(buf: &[u8]) -> Option<(bool, Option<Vec<u8>>, usize)> {
     }
 }
 
-/// A connection: keeps `pipeline` requests in flight (closed loop) or sends
-/// at its share of `rate` (open loop).
+/// One connection's bookkeeping, shared by its sender and receiver tasks.
+struct Conn {
+    in_flight: HashMap<u64, InFlight>,
+    /// Request ids in send order (RESP replies come back in this order).
+    order: std::collections::VecDeque<u64>,
+    next_id: u64,
+    /// Encoded requests not yet written (follow-up writes of read-modify-
+    /// write are queued here by the receiver).
+    out: Vec<u8>,
+    closed: bool,
+}
+
+fn encode_op(shared: &Shared, conn: &mut Conn, op: Op, key: &[u8], start: Instant, context: Option<&[u8]>) {
+    let o = &shared.options;
+    let id = conn.next_id;
+    conn.next_id += 1;
+    let value = &shared.value;
+    let out = &mut conn.out;
+    let follow_up = context.is_some();
+    if o.resp {
+        match (op, follow_up) {
+            (Op::Rmw, true) | (Op::Update | Op::Insert, _) => encode_resp(out, &[b"SET", key, value]),
+            (Op::Read | Op::Rmw, _) => encode_resp(out, &[b"GET", key]),
+            (Op::Delete, _) => encode_resp(out, &[b"DEL", key]),
+        }
+    } else {
+        let request = match (op, context) {
+            (Op::Rmw, Some(context)) => Request::Put { key, context, value },
+            (Op::Read | Op::Rmw, _) => Request::Get { key },
+            (Op::Update | Op::Insert, _) => Request::Overwrite { key, value },
+            (Op::Delete, _) => Request::DeleteAll { key },
+        };
+        encode_native(out, id, &request);
+    }
+    let rmw_key = (op == Op::Rmw && !follow_up).then(|| key.to_vec());
+    conn.in_flight.insert(id, InFlight { op, start, rmw_key });
+    conn.order.push_back(id);
+}
+
+/// A connection: a sender keeps `pipeline` requests in flight (closed loop)
+/// or sends each request at its intended time (open loop; latency counts
+/// from that time even if the window held it back), and a receiver
+/// completes replies. Two tasks, so that neither waits on the other.
 async fn connection(shared: Rc<Shared>, index: usize, shard: Option<u32>) {
     let o = &shared.options;
     let address = match (&shared.node, shard) {
         (Some(node), Some(s)) => SocketAddr::new(o.address.ip(), node.client_port + 1 + s as u16),
         _ => o.address,
     };
-    let mut stream = match TcpStream::connect(address).await {
+    let stream = match TcpStream::connect(address).await {
         Ok(s) => s,
         Err(e) => {
             eprintln!("connection {index}: connecting to {address}: {e}");
@@ -317,203 +359,188 @@ async fn connection(shared: Rc<Shared>, index: usize, shard: Option<u32>) {
         }
     };
     let _ = stream.set_nodelay(true);
-    let mut rng = ChaCha8Rng::seed_from_u64(o.seed.wrapping_add(index as u64 * 7919));
-    let open_loop = o.rate > 0;
-    let per_connection_interval =
-        if open_loop { Duration::from_secs_f64(o.connections as f64 / o.rate as f64) } else { Duration::ZERO };
-    let mut next_intended = Instant::now();
-    let mut in_flight: HashMap<u64, InFlight> = HashMap::new();
-    let mut order: std::collections::VecDeque<u64> = std::collections::VecDeque::new();
-    let mut next_id = 1u64;
-    let mut out = Vec::with_capacity(64 << 10);
-    let mut input = vec![0u8; 256 << 10];
-    let (mut start, mut end) = (0usize, 0usize);
-    let limit = o.operations;
-    let owner = |key: &[u8]| match &shared.node {
-        Some(node) => shard_of(partition_of(key, node.partition_count), node.shard_count),
-        None => 0,
-    };
-    // Picks a key this connection serves (shard-aware: keys of its shard).
-    let pick_key = |rng: &mut ChaCha8Rng, op: Op| -> Vec<u8> {
-        loop {
-            let number = if op == Op::Insert {
-                shared.next_insert.fetch_add(1, Ordering::Relaxed)
-            } else {
-                shared.chooser.next(rng, shared.next_insert.load(Ordering::Relaxed))
+    let (mut reader, mut writer) = stream.split();
+    let conn = Rc::new(RefCell::new(Conn {
+        in_flight: HashMap::new(),
+        order: std::collections::VecDeque::new(),
+        next_id: 1,
+        out: Vec::with_capacity(64 << 10),
+        closed: false,
+    }));
+    let wake_sender = Rc::new(Notify::default());
+    let sender = {
+        let (shared, conn, wake) = (shared.clone(), conn.clone(), wake_sender.clone());
+        async move {
+            let o = &shared.options;
+            let mut rng = ChaCha8Rng::seed_from_u64(o.seed.wrapping_add(index as u64 * 7919));
+            let open_loop = o.rate > 0;
+            let interval =
+                if open_loop { Duration::from_secs_f64(o.connections as f64 / o.rate as f64) } else { Duration::ZERO };
+            let mut next_intended = Instant::now();
+            let owner = |key: &[u8]| match &shared.node {
+                Some(node) => shard_of(partition_of(key, node.partition_count), node.shard_count),
+                None => 0,
             };
-            let key = key_name(number);
-            if shard.is_none_or(|s| owner(&key) == s) {
-                return key;
-            }
-            if op == Op::Insert {
-                // Inserts take numbers in order; a number of another shard
-                // is simply left for whoever draws it next.
-                continue;
+            let pick_key = |rng: &mut ChaCha8Rng, op: Op| -> Vec<u8> {
+                loop {
+                    let number = if op == Op::Insert {
+                        shared.next_insert.fetch_add(1, Ordering::Relaxed)
+                    } else {
+                        shared.chooser.next(rng, shared.next_insert.load(Ordering::Relaxed))
+                    };
+                    let key = key_name(number);
+                    if shard.is_none_or(|s| owner(&key) == s) {
+                        return key;
+                    }
+                }
+            };
+            let mut buffer = Vec::new();
+            loop {
+                let woken = wake.listen();
+                let stopping = shared.stop.load(Ordering::Relaxed);
+                {
+                    let mut c = conn.borrow_mut();
+                    if c.closed || (stopping && c.in_flight.is_empty()) {
+                        return;
+                    }
+                    let now = Instant::now();
+                    while !stopping && c.in_flight.len() < o.pipeline && (!open_loop || next_intended <= now) {
+                        if let Some(limit) = o.operations {
+                            if shared.issued.fetch_add(1, Ordering::Relaxed) >= limit {
+                                shared.stop.store(true, Ordering::Relaxed);
+                                break;
+                            }
+                        }
+                        let op = shared.mix.pick(&mut rng);
+                        let key = pick_key(&mut rng, op);
+                        let start = if open_loop { next_intended } else { now };
+                        next_intended += interval;
+                        encode_op(&shared, &mut c, op, &key, start, None);
+                    }
+                    std::mem::swap(&mut buffer, &mut c.out);
+                }
+                if !buffer.is_empty() {
+                    if writer.write_all(&buffer).await.is_err() {
+                        conn.borrow_mut().closed = true;
+                        return;
+                    }
+                    buffer.clear();
+                    continue;
+                }
+                // Wait for room in the window, a follow-up to send, or (open
+                // loop) the next intended send time.
+                if open_loop && !stopping {
+                    let wait = next_intended.saturating_duration_since(Instant::now());
+                    futures::future::select(Box::pin(woken), Box::pin(glommio::timer::sleep(wait))).await;
+                } else {
+                    woken.await;
+                }
             }
         }
     };
-    loop {
-        let stopping = shared.stop.load(Ordering::Relaxed);
-        // Issue requests.
-        let now = Instant::now();
-        while !stopping && in_flight.len() < o.pipeline && (!open_loop || next_intended <= now) {
-            if let Some(limit) = limit {
-                if shared.issued.fetch_add(1, Ordering::Relaxed) >= limit {
-                    shared.stop.store(true, Ordering::Relaxed);
-                    break;
-                }
-            }
-            let op = shared.mix.pick(&mut rng);
-            let key = pick_key(&mut rng, op);
-            let id = next_id;
-            next_id += 1;
-            let intended = if open_loop { next_intended } else { now };
-            next_intended += per_connection_interval;
-            let value = &shared.value;
-            if o.resp {
-                match op {
-                    Op::Read | Op::Rmw => encode_resp(&mut out, &[b"GET", &key]),
-                    Op::Update | Op::Insert => encode_resp(&mut out, &[b"SET", &key, value]),
-                    Op::Delete => encode_resp(&mut out, &[b"DEL", &key]),
-                }
-            } else {
-                let request = match op {
-                    Op::Read | Op::Rmw => Request::Get { key: &key },
-                    Op::Update | Op::Insert => Request::Overwrite { key: &key, value },
-                    Op::Delete => Request::DeleteAll { key: &key },
-                };
-                encode_native(&mut out, id, &request);
-            }
-            in_flight.insert(id, InFlight { op, start: intended, rmw_key: (op == Op::Rmw).then_some(key) });
-            order.push_back(id);
-        }
-        if !out.is_empty() {
-            if stream.write_all(&out).await.is_err() {
-                eprintln!("connection {index}: write failed");
-                return;
-            }
-            out.clear();
-        }
-        if in_flight.is_empty() {
-            if stopping {
-                return;
-            }
-            if open_loop {
-                glommio::timer::sleep(next_intended.saturating_duration_since(Instant::now())).await;
-            }
-            continue;
-        }
-        // Read replies (with a timer in open loop so sends stay on time).
-        if end == input.len() {
-            input.copy_within(start..end, 0);
-            end -= start;
-            start = 0;
-            if end == input.len() {
-                input.resize(input.len() * 2, 0);
-            }
-        }
-        let read = if open_loop && !stopping {
-            let wait = next_intended.saturating_duration_since(Instant::now()).max(Duration::from_micros(50));
-            match futures::future::select(
-                Box::pin(stream.read(&mut input[end..])),
-                Box::pin(glommio::timer::sleep(wait)),
-            )
-            .await
-            {
-                futures::future::Either::Left((r, _)) => Some(r),
-                futures::future::Either::Right(_) => None,
-            }
-        } else {
-            Some(stream.read(&mut input[end..]).await)
-        };
-        match read {
-            None => continue,
-            Some(Ok(0)) | Some(Err(_)) => {
-                eprintln!("connection {index}: the server closed the connection");
-                shared.stop.store(true, Ordering::Relaxed);
-                return;
-            }
-            Some(Ok(n)) => end += n,
-        }
-        // Complete what arrived.
-        loop {
-            let (id, failed, payload, used) = if o.resp {
-                match parse_resp_reply(&input[start..end]) {
-                    Some((err, payload, used)) => (order.pop_front().expect("reply to a request"), err, payload, used),
-                    None => break,
-                }
-            } else {
-                match frame::decode(&input[start..end], 64 << 20) {
-                    Ok(Some((h, body, used))) => {
-                        let status = Status::from_u8(h.status).unwrap_or(Status::Internal);
-                        let failed = !matches!(status, Status::Ok | Status::NotFound);
-                        let payload = (status == Status::Ok).then(|| body.to_vec());
-                        (h.request_id, failed, payload, used)
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        eprintln!("connection {index}: protocol error: {e}");
-                        shared.stop.store(true, Ordering::Relaxed);
+    let receiver = {
+        let (shared, conn, wake) = (shared.clone(), conn.clone(), wake_sender.clone());
+        async move {
+            let o = &shared.options;
+            let mut input = vec![0u8; 256 << 10];
+            let (mut start, mut end) = (0usize, 0usize);
+            loop {
+                {
+                    let c = conn.borrow();
+                    if c.closed || (shared.stop.load(Ordering::Relaxed) && c.in_flight.is_empty()) {
+                        drop(c);
+                        wake.notify();
                         return;
                     }
                 }
-            };
-            start += used;
-            let Some(mut request) = in_flight.remove(&id) else { continue };
-            if !o.resp {
-                order.retain(|x| *x != id);
-            }
-            if failed {
-                *shared.interval.borrow_mut().errors.entry(request.op).or_default() += 1;
-                continue;
-            }
-            if request.op == Op::Read || (request.op == Op::Rmw && request.rmw_key.is_some()) {
-                if let (false, Some(bytes)) = (o.resp, &payload) {
-                    if let Ok(set) = encoding::decode(bytes) {
-                        let live = set.values().filter(|s| !s.tombstone).count() as u64;
-                        if live > 1 {
-                            let mut r = shared.interval.borrow_mut();
-                            r.siblings_seen += live;
-                            r.reads_with_siblings += 1;
-                        }
-                        if let Some(key) = request.rmw_key.take() {
-                            // The write half of read-modify-write, with the
-                            // context just read.
-                            let context = set.join().encode();
-                            let id = next_id;
-                            next_id += 1;
-                            encode_native(
-                                &mut out,
-                                id,
-                                &Request::Put { key: &key, context: &context, value: &shared.value },
-                            );
-                            in_flight.insert(id, InFlight { op: Op::Rmw, start: request.start, rmw_key: None });
-                            order.push_back(id);
-                            continue;
-                        }
+                if end == input.len() {
+                    input.copy_within(start..end, 0);
+                    end -= start;
+                    start = 0;
+                    if end == input.len() {
+                        input.resize(input.len() * 2, 0);
                     }
                 }
-                if let Some(key) = request.rmw_key.take() {
-                    let id = next_id;
-                    next_id += 1;
-                    if o.resp {
-                        encode_resp(&mut out, &[b"SET", &key, &shared.value]);
+                match reader.read(&mut input[end..]).await {
+                    Ok(0) | Err(_) => {
+                        if !shared.stop.load(Ordering::Relaxed) {
+                            eprintln!("connection {index}: the server closed the connection");
+                        }
+                        shared.stop.store(true, Ordering::Relaxed);
+                        conn.borrow_mut().closed = true;
+                        wake.notify();
+                        return;
+                    }
+                    Ok(n) => end += n,
+                }
+                let mut c = conn.borrow_mut();
+                loop {
+                    let (id, failed, payload, used) = if o.resp {
+                        match parse_resp_reply(&input[start..end]) {
+                            Some((err, payload, used)) => {
+                                (c.order.pop_front().expect("a reply to a request"), err, payload, used)
+                            }
+                            None => break,
+                        }
                     } else {
-                        encode_native(&mut out, id, &Request::Put { key: &key, context: &[], value: &shared.value });
+                        match frame::decode(&input[start..end], 64 << 20) {
+                            Ok(Some((h, body, used))) => {
+                                let status = Status::from_u8(h.status).unwrap_or(Status::Internal);
+                                let failed = !matches!(status, Status::Ok | Status::NotFound);
+                                (h.request_id, failed, (status == Status::Ok).then(|| body.to_vec()), used)
+                            }
+                            Ok(None) => break,
+                            Err(e) => {
+                                eprintln!("connection {index}: protocol error: {e}");
+                                shared.stop.store(true, Ordering::Relaxed);
+                                c.closed = true;
+                                drop(c);
+                                wake.notify();
+                                return;
+                            }
+                        }
+                    };
+                    start += used;
+                    let Some(mut request) = c.in_flight.remove(&id) else { continue };
+                    if !o.resp {
+                        c.order.retain(|x| *x != id);
                     }
-                    in_flight.insert(id, InFlight { op: Op::Rmw, start: request.start, rmw_key: None });
-                    order.push_back(id);
-                    continue;
+                    if failed {
+                        *shared.interval.borrow_mut().errors.entry(request.op).or_default() += 1;
+                        continue;
+                    }
+                    let mut context = None;
+                    if let (false, Some(bytes)) = (o.resp, &payload) {
+                        if let Ok(set) = encoding::decode(bytes) {
+                            let live = set.values().filter(|s| !s.tombstone).count() as u64;
+                            if live > 1 {
+                                let mut r = shared.interval.borrow_mut();
+                                r.siblings_seen += live;
+                                r.reads_with_siblings += 1;
+                            }
+                            context = Some(set.join().encode());
+                        }
+                    }
+                    if let Some(key) = request.rmw_key.take() {
+                        // The write half of read-modify-write, with the
+                        // context just read (none if the key was absent).
+                        let context = context.unwrap_or_default();
+                        encode_op(&shared, &mut c, Op::Rmw, &key, request.start, Some(&context));
+                        continue;
+                    }
+                    let micros = request.start.elapsed().as_micros() as u64;
+                    shared.interval.borrow_mut().record(request.op, micros);
                 }
+                if start == end {
+                    start = 0;
+                    end = 0;
+                }
+                drop(c);
+                wake.notify();
             }
-            let micros = request.start.elapsed().as_micros() as u64;
-            shared.interval.borrow_mut().record(request.op, micros);
         }
-        if start == end {
-            start = 0;
-            end = 0;
-        }
-    }
+    };
+    futures::future::join(sender, receiver).await;
 }
 
 /// Loads every record (one Overwrite/SET each), pipelined, through the
