@@ -246,6 +246,57 @@ struct Shared {
     total: RefCell<Recorder>,
     node: Option<NodeStatus>,
     value: Vec<u8>,
+    /// Open loop: this thread's send schedule.
+    pace: Option<Pace>,
+}
+
+/// An open-loop schedule: request k of this thread is due at
+/// `start + k × interval`. Any connection with room in its window takes the
+/// next due request, so one timer per thread (the pacer) drives the whole
+/// schedule; per-connection timers cost the client more than the server
+/// and showed up as latency. Latency counts from the due time, so a
+/// request held back by a full window or a late wake-up is charged for it.
+struct Pace {
+    start: Instant,
+    interval_s: f64,
+    taken: std::cell::Cell<u64>,
+    /// Notified when requests become due.
+    due: Notify,
+}
+
+impl Pace {
+    fn due_at(&self, k: u64) -> Instant {
+        self.start + Duration::from_secs_f64(k as f64 * self.interval_s)
+    }
+
+    /// Takes the next request if it is due by `now`; returns its due time.
+    fn take_due(&self, now: Instant) -> Option<Instant> {
+        let k = self.taken.get();
+        let at = self.due_at(k);
+        (at <= now).then(|| {
+            self.taken.set(k + 1);
+            at
+        })
+    }
+}
+
+/// Wakes idle senders when requests fall due. One timer per thread.
+async fn pacer(shared: Rc<Shared>) {
+    let Some(pace) = &shared.pace else { return };
+    while !shared.stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        let next = pace.due_at(pace.taken.get());
+        if next > now {
+            glommio::timer::sleep(next - now).await;
+        } else {
+            // A backlog: every connection's window is full, and replies
+            // wake the senders; look again shortly for idle ones.
+            pace.due.notify();
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+        }
+        pace.due.notify();
+    }
+    pace.due.notify();
 }
 
 /// One request in flight.
@@ -373,10 +424,6 @@ async fn connection(shared: Rc<Shared>, index: usize, shard: Option<u32>) {
         async move {
             let o = &shared.options;
             let mut rng = ChaCha8Rng::seed_from_u64(o.seed.wrapping_add(index as u64 * 7919));
-            let open_loop = o.rate > 0;
-            let interval =
-                if open_loop { Duration::from_secs_f64(o.connections as f64 / o.rate as f64) } else { Duration::ZERO };
-            let mut next_intended = Instant::now();
             let owner = |key: &[u8]| match &shared.node {
                 Some(node) => shard_of(partition_of(key, node.partition_count), node.shard_count),
                 None => 0,
@@ -397,14 +444,29 @@ async fn connection(shared: Rc<Shared>, index: usize, shard: Option<u32>) {
             let mut buffer = Vec::new();
             loop {
                 let woken = wake.listen();
+                let paced = shared.pace.as_ref().map(|p| p.due.listen());
                 let stopping = shared.stop.load(Ordering::Relaxed);
                 {
                     let mut c = conn.borrow_mut();
-                    if c.closed || (stopping && c.in_flight.is_empty()) {
+                    if c.closed {
+                        return;
+                    }
+                    if stopping && c.in_flight.is_empty() {
+                        // Half-close: the server answers with EOF, which ends
+                        // the receiver even if it is parked in a read.
+                        drop(c);
+                        let _ = writer.close().await;
                         return;
                     }
                     let now = Instant::now();
-                    while !stopping && c.in_flight.len() < o.pipeline && (!open_loop || next_intended <= now) {
+                    while !stopping && c.in_flight.len() < o.pipeline {
+                        let start = match &shared.pace {
+                            Some(pace) => match pace.take_due(now) {
+                                Some(due) => due,
+                                None => break,
+                            },
+                            None => now,
+                        };
                         if let Some(limit) = o.operations {
                             if shared.issued.fetch_add(1, Ordering::Relaxed) >= limit {
                                 shared.stop.store(true, Ordering::Relaxed);
@@ -413,8 +475,6 @@ async fn connection(shared: Rc<Shared>, index: usize, shard: Option<u32>) {
                         }
                         let op = shared.mix.pick(&mut rng);
                         let key = pick_key(&mut rng, op);
-                        let start = if open_loop { next_intended } else { now };
-                        next_intended += interval;
                         encode_op(&shared, &mut c, op, &key, start, None);
                     }
                     std::mem::swap(&mut buffer, &mut c.out);
@@ -427,13 +487,14 @@ async fn connection(shared: Rc<Shared>, index: usize, shard: Option<u32>) {
                     buffer.clear();
                     continue;
                 }
-                // Wait for room in the window, a follow-up to send, or (open
-                // loop) the next intended send time.
-                if open_loop && !stopping {
-                    let wait = next_intended.saturating_duration_since(Instant::now());
-                    futures::future::select(Box::pin(woken), Box::pin(glommio::timer::sleep(wait))).await;
-                } else {
-                    woken.await;
+                // Wait for a reply (room in the window, a follow-up to send)
+                // or, with room in an open loop, for requests to fall due.
+                let window_open = conn.borrow().in_flight.len() < o.pipeline;
+                match paced {
+                    Some(paced) if window_open && !stopping => {
+                        futures::future::select(Box::pin(woken), Box::pin(paced)).await;
+                    }
+                    _ => woken.await,
                 }
             }
         }
@@ -566,6 +627,7 @@ async fn load_phase(shared: Rc<Shared>, index: usize, of: usize) {
             }
             sent += 1;
         }
+        let batch_start = Instant::now();
         stream.write_all(&out).await.expect("load write");
         out.clear();
         let (mut got, mut end, mut at) = (0, 0, 0);
@@ -593,7 +655,9 @@ async fn load_phase(shared: Rc<Shared>, index: usize, of: usize) {
                 };
                 at += used;
                 got += 1;
-                shared.interval.borrow_mut().record(Op::Insert, 1);
+                // Each insert's latency is its batch's round trip: the
+                // batch is written at once and its replies stream back.
+                shared.interval.borrow_mut().record(Op::Insert, batch_start.elapsed().as_micros() as u64);
             }
             input.copy_within(at..end, 0);
             end -= at;
@@ -668,7 +732,14 @@ fn main() {
                             total: RefCell::new(Recorder::new()),
                             node: node2,
                             value,
+                            pace: (o2.rate > 0 && !load).then(|| Pace {
+                                start: Instant::now(),
+                                interval_s: o2.threads as f64 / o2.rate as f64,
+                                taken: std::cell::Cell::new(0),
+                                due: Notify::default(),
+                            }),
                         });
+                        let pacer = glommio::spawn_local(pacer(shared.clone()));
                         let mine: Vec<usize> = (0..o2.connections).filter(|c| c % o2.threads == t).collect();
                         let tasks: Vec<_> = mine
                             .iter()
@@ -699,6 +770,7 @@ fn main() {
                             })
                         };
                         futures::future::join_all(tasks).await;
+                        pacer.await;
                         drop(reporter);
                         let interval = std::mem::replace(&mut *shared.interval.borrow_mut(), Recorder::new());
                         shared.total.borrow_mut().merge(&interval);
