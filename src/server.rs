@@ -3,7 +3,9 @@
 //!
 //! A connection is served in turns: read what has arrived, parse every
 //! complete frame, route each operation to its owning shard (`Dispatch`:
-//! one batch per shard), then write every reply with one send. Malformed
+//! one batch per shard), then write the replies, reads' as soon as they are
+//! done and writes' once durable (two lanes; replies are matched by request
+//! id). Malformed
 //! frames, wrong magic or version, an oversize frame, key or value, or an
 //! unknown opcode get an error reply and the connection is closed; the
 //! shard keeps serving everyone else. A connection that stops mid-frame for
@@ -194,10 +196,43 @@ impl Default for ReadBuffer {
 
 /// What each frame of a turn expects back.
 enum Pending {
-    /// One operation: its index in the dispatch.
-    Single { request_id: u64, opcode: u8, op: usize },
-    /// A BATCH frame: `count` operations from `first`.
-    Batch { request_id: u64, first: usize, count: usize },
+    /// One operation: its index in its lane's dispatch.
+    Single { request_id: u64, opcode: u8, lane: usize, op: usize },
+    /// A BATCH frame: `count` operations from `first` in one lane.
+    Batch { request_id: u64, lane: usize, first: usize, count: usize },
+}
+
+impl Pending {
+    fn lane(&self) -> usize {
+        match self {
+            Pending::Single { lane, .. } | Pending::Batch { lane, .. } => *lane,
+        }
+    }
+}
+
+/// A turn's operations run in two lanes: reads (and everything that does
+/// not write) and writes. In `group` mode a write waits for its batch's
+/// fdatasync; a read pipelined behind it on the same connection must not,
+/// so the read lane's replies are sent as soon as it is done (replies are
+/// matched by request id, so their order on the wire is free).
+const READ_LANE: usize = 0;
+const WRITE_LANE: usize = 1;
+
+fn is_write(opcode: u8) -> bool {
+    [Opcode::Put, Opcode::Delete, Opcode::Overwrite, Opcode::DeleteAll].iter().any(|o| *o as u8 == opcode)
+}
+
+/// One lane of a turn: its dispatch and the client opcode of each operation.
+struct Lane {
+    dispatch: Dispatch,
+    opcodes: Vec<u8>,
+}
+
+impl Lane {
+    fn clear(&mut self) {
+        self.dispatch.clear();
+        self.opcodes.clear();
+    }
 }
 
 /// Why a turn ends the connection, with the reply to send first.
@@ -224,8 +259,7 @@ fn admit(
     shard: &Shard,
     header: &frame::Header,
     body: &[u8],
-    dispatch: &mut Dispatch,
-    sub_opcodes: &mut Vec<u8>,
+    lanes: &mut [Lane; 2],
     pending: &mut Vec<Pending>,
 ) -> Result<(), Fatal> {
     let fatal =
@@ -238,22 +272,33 @@ fn admit(
     }
     let request = decode_request(header.opcode, body).map_err(|e| fatal(e.status(), e.message()))?;
     if let Request::Batch(entries) = request {
-        let first = dispatch.len();
+        // Validate every entry first: the batch's lane depends on all of them.
+        let mut writes = false;
         for entry in batch::requests(entries) {
             let (opcode, sub_body) = entry.map_err(|e| fatal(e.status(), e.message()))?;
             if !client_opcode_allowed(opcode) || opcode == Opcode::Batch as u8 {
                 return Err(fatal(Status::UnknownOpcode, format!("opcode {opcode} is not allowed in a batch")));
             }
-            let sub = decode_request(opcode, sub_body).map_err(|e| fatal(e.status(), e.message()))?;
-            dispatch.push(route(shard, &sub), opcode, |o| o.extend_from_slice(sub_body));
-            sub_opcodes.push(opcode);
+            decode_request(opcode, sub_body).map_err(|e| fatal(e.status(), e.message()))?;
+            writes |= is_write(opcode);
         }
-        pending.push(Pending::Batch { request_id: header.request_id, first, count: dispatch.len() - first });
+        let lane_index = if writes { WRITE_LANE } else { READ_LANE };
+        let lane = &mut lanes[lane_index];
+        let first = lane.dispatch.len();
+        for (opcode, sub_body) in batch::requests(entries).map_while(Result::ok) {
+            let sub = decode_request(opcode, sub_body).map_err(|e| fatal(e.status(), e.message()))?;
+            lane.dispatch.push(route(shard, &sub), opcode, |o| o.extend_from_slice(sub_body));
+            lane.opcodes.push(opcode);
+        }
+        let count = lane.dispatch.len() - first;
+        pending.push(Pending::Batch { request_id: header.request_id, lane: lane_index, first, count });
     } else {
-        let op = dispatch.len();
-        dispatch.push(route(shard, &request), header.opcode, |o| o.extend_from_slice(body));
-        sub_opcodes.push(header.opcode);
-        pending.push(Pending::Single { request_id: header.request_id, opcode: header.opcode, op });
+        let lane_index = if is_write(header.opcode) { WRITE_LANE } else { READ_LANE };
+        let lane = &mut lanes[lane_index];
+        let op = lane.dispatch.len();
+        lane.dispatch.push(route(shard, &request), header.opcode, |o| o.extend_from_slice(body));
+        lane.opcodes.push(header.opcode);
+        pending.push(Pending::Single { request_id: header.request_id, opcode: header.opcode, lane: lane_index, op });
     }
     Ok(())
 }
@@ -263,12 +308,46 @@ fn ends_connection(status: Status) -> bool {
     status.closes_connection() || matches!(status, Status::KeyTooLarge | Status::ValueTooLarge)
 }
 
+/// Encodes the replies of `pending` entries in `lane` (all lanes: None);
+/// true if one of them ends the connection.
+fn encode_replies(out: &mut Vec<u8>, pending: &[Pending], lanes: &[Lane; 2], only: Option<usize>) -> bool {
+    let mut close = false;
+    for p in pending.iter().filter(|p| only.is_none_or(|l| p.lane() == l)) {
+        match *p {
+            Pending::Single { request_id, opcode, lane, op } => {
+                let (status, body) = lanes[lane].dispatch.reply(op);
+                close |= ends_connection(status);
+                frame::encode_response_with(out, opcode, status, request_id, |o| o.extend_from_slice(body));
+            }
+            Pending::Batch { request_id, lane, first, count } => {
+                let lane = &lanes[lane];
+                frame::encode_response_with(out, Opcode::Batch as u8, Status::Ok, request_id, |o| {
+                    for (op, &opcode) in lane.opcodes.iter().enumerate().skip(first).take(count) {
+                        let (status, body) = lane.dispatch.reply(op);
+                        batch::push_response_with(o, opcode, status as u8, |b| b.extend_from_slice(body));
+                    }
+                });
+            }
+        }
+    }
+    close
+}
+
+/// Runs a lane, handing it back when done (owned, so that the read lane's
+/// replies can be encoded while the write lane is still running).
+async fn run_lane(shard: &Shard, mut lane: Lane) -> Lane {
+    if !lane.dispatch.is_empty() {
+        lane.dispatch.run(shard).await;
+    }
+    lane
+}
+
 pub async fn serve_native(shard: Rc<Shard>, mut stream: TcpStream) {
     let limit = shard.config.request_body_bytes_max();
     let mut input = ReadBuffer::new();
     let mut out = Vec::with_capacity(64 << 10);
-    let mut dispatch = Dispatch::new(shard.shard_count);
-    let mut sub_opcodes = Vec::new();
+    let new_lane = || Lane { dispatch: Dispatch::new(shard.shard_count), opcodes: Vec::new() };
+    let mut lanes = [new_lane(), new_lane()];
     let mut pending = Vec::new();
     loop {
         // Parse every complete frame already received.
@@ -277,7 +356,7 @@ pub async fn serve_native(shard: Rc<Shard>, mut stream: TcpStream) {
         loop {
             match frame::decode(input.data(), limit) {
                 Ok(Some((header, body, used))) => {
-                    if let Err(f) = admit(&shard, &header, body, &mut dispatch, &mut sub_opcodes, &mut pending) {
+                    if let Err(f) = admit(&shard, &header, body, &mut lanes, &mut pending) {
                         fatal = Some(f);
                         break;
                     }
@@ -297,34 +376,44 @@ pub async fn serve_native(shard: Rc<Shard>, mut stream: TcpStream) {
                 }
             }
         }
-        if !dispatch.is_empty() {
-            dispatch.run(&shard).await;
-        }
         let mut close = fatal.is_some();
-        for p in pending.drain(..) {
-            match p {
-                Pending::Single { request_id, opcode, op } => {
-                    let (status, body) = dispatch.reply(op);
-                    close |= ends_connection(status);
-                    frame::encode_response_with(&mut out, opcode, status, request_id, |o| o.extend_from_slice(body));
+        let [reads, writes] = std::mem::replace(&mut lanes, [new_lane(), new_lane()]);
+        if reads.dispatch.is_empty() || writes.dispatch.is_empty() {
+            let reads = run_lane(&shard, reads).await;
+            let writes = run_lane(&shard, writes).await;
+            lanes = [reads, writes];
+        } else {
+            let read_run = std::pin::pin!(run_lane(&shard, reads));
+            let write_run = std::pin::pin!(run_lane(&shard, writes));
+            match futures::future::select(read_run, write_run).await {
+                futures::future::Either::Left((reads, write_run)) => {
+                    // Reads are done first (the usual case in group mode):
+                    // send their replies now, the writes' when durable.
+                    lanes[READ_LANE] = reads;
+                    close |= encode_replies(&mut out, &pending, &lanes, Some(READ_LANE));
+                    pending.retain(|p| p.lane() != READ_LANE);
+                    if stream.write_all(&out).await.is_err() {
+                        return;
+                    }
+                    out.clear();
+                    lanes[WRITE_LANE] = write_run.await;
                 }
-                Pending::Batch { request_id, first, count } => {
-                    frame::encode_response_with(&mut out, Opcode::Batch as u8, Status::Ok, request_id, |o| {
-                        for (op, &opcode) in sub_opcodes.iter().enumerate().skip(first).take(count) {
-                            let (status, body) = dispatch.reply(op);
-                            batch::push_response_with(o, opcode, status as u8, |b| b.extend_from_slice(body));
-                        }
-                    });
+                futures::future::Either::Right((writes, read_run)) => {
+                    lanes[WRITE_LANE] = writes;
+                    lanes[READ_LANE] = read_run.await;
                 }
             }
         }
+        close |= encode_replies(&mut out, &pending, &lanes, None);
+        pending.clear();
         if let Some(f) = fatal {
             frame::encode_response_with(&mut out, f.opcode, f.status, f.request_id, |o| {
                 o.extend_from_slice(f.message.as_bytes())
             });
         }
-        dispatch.clear();
-        sub_opcodes.clear();
+        for lane in &mut lanes {
+            lane.clear();
+        }
         if !out.is_empty() {
             if stream.write_all(&out).await.is_err() {
                 return;

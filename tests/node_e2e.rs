@@ -330,3 +330,92 @@ fn concurrent_writes_to_one_key_never_reuse_a_dot() {
     let held: BTreeSet<String> = got.siblings.iter().map(|s| String::from_utf8_lossy(s).into_owned()).collect();
     assert_eq!(held, values.into_iter().collect());
 }
+
+/// One pipelined send mixing reads, writes and batches of both (group
+/// mode, where reads are answered before the writes' fdatasync): every
+/// request gets exactly one reply, matched by request id, with the right
+/// opcode and status; the writes are then readable.
+#[test]
+fn a_pipeline_mixing_reads_and_writes_gets_every_reply_by_request_id() {
+    use ringkv::protocol::frame::{self, Opcode, Status};
+    use ringkv::protocol::messages::{batch, encode_request, Request};
+    use std::collections::BTreeMap;
+    use std::io::{Read, Write};
+
+    let dir = scratch("e2e-lanes-");
+    let node = Node::start(&dir.path().join("data"), "127.0.0.24", &["--shards", "2", "--sync", "group"]);
+    let c = node.client();
+    block_on(async {
+        for i in 0..20u32 {
+            c.put(format!("old-{i}").as_bytes(), format!("old-value-{i}").as_bytes(), None).await.unwrap();
+        }
+    });
+    let body = |request: &Request<'_>| {
+        let mut b = Vec::new();
+        encode_request(&mut b, request);
+        b
+    };
+    // Per request id: the reply's opcode, status and (batch) sub-replies.
+    type Reply = (u8, Status, Vec<(u8, Status)>);
+    let mut expected: BTreeMap<u64, Reply> = BTreeMap::new();
+    let mut wire = Vec::new();
+    let mut id = 0u64;
+    for round in 0..20u32 {
+        let (old, new, missing) = (format!("old-{round}"), format!("new-{round}"), format!("missing-{round}"));
+        let value = format!("new-value-{round}");
+        let mut push = |opcode: Opcode, b: Vec<u8>, status: Status, subs: Vec<(u8, Status)>| {
+            id += 1;
+            frame::encode(&mut wire, opcode as u8, 0, 0, id, &b);
+            expected.insert(id, (opcode as u8, status, subs));
+        };
+        let overwrite = body(&Request::Overwrite { key: new.as_bytes(), value: value.as_bytes() });
+        push(Opcode::Overwrite, overwrite.clone(), Status::Ok, vec![]);
+        push(Opcode::Get, body(&Request::Get { key: old.as_bytes() }), Status::Ok, vec![]);
+        push(Opcode::Get, body(&Request::Get { key: missing.as_bytes() }), Status::NotFound, vec![]);
+        let mut reads = Vec::new();
+        batch::push_request(&mut reads, Opcode::Get as u8, &body(&Request::Get { key: old.as_bytes() }));
+        batch::push_request(&mut reads, Opcode::Get as u8, &body(&Request::Get { key: missing.as_bytes() }));
+        let read_subs = vec![(Opcode::Get as u8, Status::Ok), (Opcode::Get as u8, Status::NotFound)];
+        push(Opcode::Batch, reads, Status::Ok, read_subs);
+        let mut mixed = Vec::new();
+        let other = format!("batch-{round}");
+        let put = body(&Request::Put { key: other.as_bytes(), context: &[], value: b"from-a-batch" });
+        batch::push_request(&mut mixed, Opcode::Put as u8, &put);
+        batch::push_request(&mut mixed, Opcode::Get as u8, &body(&Request::Get { key: old.as_bytes() }));
+        let mixed_subs = vec![(Opcode::Put as u8, Status::Ok), (Opcode::Get as u8, Status::Ok)];
+        push(Opcode::Batch, mixed, Status::Ok, mixed_subs);
+        push(Opcode::Ping, Vec::new(), Status::Ok, vec![]);
+    }
+    let mut stream = std::net::TcpStream::connect(node.client_address()).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    stream.write_all(&wire).unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 65536];
+    let mut seen = BTreeMap::new();
+    while seen.len() < expected.len() {
+        let n = stream.read(&mut chunk).expect("a reply before the deadline");
+        assert!(n > 0, "the node closed the connection after {} replies", seen.len());
+        buf.extend_from_slice(&chunk[..n]);
+        let mut at = 0;
+        while let Some((h, body, used)) = frame::decode(&buf[at..], 64 << 20).unwrap() {
+            let subs: Vec<(u8, Status)> = if h.opcode == Opcode::Batch as u8 {
+                batch::responses(body).map(|r| r.unwrap()).map(|(o, s, _)| (o, Status::from_u8(s).unwrap())).collect()
+            } else {
+                vec![]
+            };
+            let previous = seen.insert(h.request_id, (h.opcode, Status::from_u8(h.status).unwrap(), subs));
+            assert!(previous.is_none(), "two replies to request {}", h.request_id);
+            at += used;
+        }
+        buf.drain(..at);
+    }
+    assert_eq!(seen, expected);
+    block_on(async {
+        for round in 0..20u32 {
+            let v = c.get(format!("new-{round}").as_bytes()).await.unwrap().unwrap();
+            assert_eq!(v.siblings, vec![format!("new-value-{round}").into_bytes()]);
+            let v = c.get(format!("batch-{round}").as_bytes()).await.unwrap().unwrap();
+            assert_eq!(v.siblings, vec![b"from-a-batch".to_vec()]);
+        }
+    });
+}
