@@ -9,16 +9,6 @@ use clap::{Parser, Subcommand, ValueEnum};
 use ringkv::client::{from_hex, to_hex, Client, ClientOptions};
 use ringkv::config::{Config, SyncMode};
 
-/// mimalloc instead of glibc malloc: a write keeps hundreds of same-sized
-/// small allocations (version sets, keys, replies) alive per commit batch,
-/// which overflows glibc's per-thread cache and spent ~24% of a group-mode
-/// SET profile in `_int_malloc`, `malloc_consolidate` and `free`. With it,
-/// Redis-port SET at -P16 in group mode went from 100k to 185k ops/s and
-/// GET from ~330k to ~495k. Cost: the node's 16 KiB ingest tail (p99.9)
-/// is worse (see the README's Performance section).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(name = "ringkv", version, about = "A Dynamo-style, highly available key-value store", long_about = None)]
 struct Cli {
