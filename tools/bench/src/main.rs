@@ -4,7 +4,8 @@
 //! (scrambled, as YCSB) and latest key distributions; a load phase; closed
 //! loop or open loop at a target rate, with latency measured from each
 //! request's *intended* send time so a stalled server cannot hide its
-//! queueing (no coordinated omission). Talks ringkv's native protocol
+//! queueing (no coordinated omission); one pacer timer per thread releases
+//! due requests to whichever connection has room. Talks ringkv's native protocol
 //! (shard-aware: each connection serves the keys of one shard, on that
 //! shard's port) or, with `--resp`, any Redis-protocol server, so one tool
 //! measures both sides of a comparison.
