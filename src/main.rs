@@ -120,38 +120,30 @@ fn context_arg(context: Option<&String>) -> Result<Option<Vec<u8>>, String> {
         .transpose()
 }
 
+fn override_with<T>(setting: &mut T, flag: Option<T>) {
+    if let Some(value) = flag {
+        *setting = value;
+    }
+}
+
 fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::Serve { config, data_dir, shards, listen, client_port, redis_port, partitions, sync, cache_mib } => {
             let mut config = load_config(config.as_ref())?;
-            if let Some(v) = data_dir {
-                config.node.data_dir = v;
-            }
-            if let Some(v) = shards {
-                config.node.shards = v;
-            }
-            if let Some(v) = listen {
-                config.node.listen_address = v;
-            }
-            if let Some(v) = client_port {
-                config.node.client_port = v;
-            }
-            if let Some(v) = redis_port {
-                config.node.redis_port = v;
-            }
-            if let Some(v) = partitions {
-                config.node.partition_count = v;
-            }
-            if let Some(v) = sync {
-                config.storage.sync_mode = match v {
-                    Sync::Group => SyncMode::Group,
-                    Sync::Interval => SyncMode::Interval,
-                    Sync::None => SyncMode::None,
-                };
-            }
-            if let Some(v) = cache_mib {
-                config.storage.read_cache_bytes = v << 20;
-            }
+            // Flags override the file, which overrides the defaults.
+            override_with(&mut config.node.data_dir, data_dir);
+            override_with(&mut config.node.shards, shards);
+            override_with(&mut config.node.listen_address, listen);
+            override_with(&mut config.node.client_port, client_port);
+            override_with(&mut config.node.redis_port, redis_port);
+            override_with(&mut config.node.partition_count, partitions);
+            let sync_mode = sync.map(|v| match v {
+                Sync::Group => SyncMode::Group,
+                Sync::Interval => SyncMode::Interval,
+                Sync::None => SyncMode::None,
+            });
+            override_with(&mut config.storage.sync_mode, sync_mode);
+            override_with(&mut config.storage.read_cache_bytes, cache_mib.map(|mib| mib << 20));
             ringkv::node::serve(config).map_err(|e| e.to_string())
         }
         Command::Get { key, node } => {

@@ -223,6 +223,7 @@ fn is_write(opcode: u8) -> bool {
 }
 
 /// One lane of a turn: its dispatch and the client opcode of each operation.
+#[derive(Default)]
 struct Lane {
     dispatch: Dispatch,
     opcodes: Vec<u8>,
@@ -377,7 +378,9 @@ pub async fn serve_native(shard: Rc<Shard>, mut stream: TcpStream) {
             }
         }
         let mut close = fatal.is_some();
-        let [reads, writes] = std::mem::replace(&mut lanes, [new_lane(), new_lane()]);
+        // Moved out (a default lane allocates nothing) and back in below,
+        // so the lanes' buffers are reused from turn to turn.
+        let [reads, writes] = std::mem::take(&mut lanes);
         if reads.dispatch.is_empty() || writes.dispatch.is_empty() {
             let reads = run_lane(&shard, reads).await;
             let writes = run_lane(&shard, writes).await;

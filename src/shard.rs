@@ -378,19 +378,15 @@ impl Shard {
                     }
                 }
             }
-            Request::Put { key, context, value } => {
+            // A delete is a put of a tombstone; both reply with the new context.
+            Request::Put { key, context, .. } | Request::Delete { key, context } => {
                 let context = self.context(context)?;
-                let value = Sibling { value: value.to_vec(), tombstone: false, written_ms: now() };
-                let set = self
-                    .write(key, WriteKind::Value { context: Some(context), value })
-                    .await?
-                    .expect("a value write writes");
-                out.extend_from_slice(&set.join().encode());
-                Ok(Status::Ok)
-            }
-            Request::Delete { key, context } => {
-                let context = self.context(context)?;
-                let value = Sibling { value: Vec::new(), tombstone: true, written_ms: now() };
+                let value = match request {
+                    Request::Put { value, .. } => {
+                        Sibling { value: value.to_vec(), tombstone: false, written_ms: now() }
+                    }
+                    _ => Sibling { value: Vec::new(), tombstone: true, written_ms: now() },
+                };
                 let set = self
                     .write(key, WriteKind::Value { context: Some(context), value })
                     .await?
@@ -517,7 +513,9 @@ pub async fn serve_peers(shard: Rc<Shard>, inbound: async_channel::Receiver<Peer
 
 /// Groups a turn's operations by owning shard, runs the groups (one hop per
 /// remote group, all concurrently), and gives the replies back in order.
+#[derive(Default)]
 pub struct Dispatch {
+    /// Per target shard (grown on first use, so a default is free).
     batches: Vec<Vec<u8>>,
     /// Target shard of each operation, in order.
     targets: Vec<u32>,
@@ -546,6 +544,9 @@ impl Dispatch {
 
     /// Adds an operation for `target`; `body` writes its request body.
     pub fn push(&mut self, target: u32, opcode: u8, body: impl FnOnce(&mut Vec<u8>)) {
+        if self.batches.len() <= target as usize {
+            self.batches.resize_with(target as usize + 1, Vec::new);
+        }
         let out = &mut self.batches[target as usize];
         out.push(opcode);
         let len_at = out.len();
@@ -583,6 +584,9 @@ impl Dispatch {
             }
         }))
         .await;
+        if self.responses.len() < self.batches.len() {
+            self.responses.resize_with(self.batches.len(), Vec::new);
+        }
         for (target, out) in results {
             self.responses[target as usize] = out;
         }

@@ -86,13 +86,7 @@ impl<D: Disk> Inner<D> {
                 if let Err(error) = self.write_segment_hint(partition, slot, true).await {
                     tracing::warn!(partition, %error, "writing a hint file failed; the segment will be scanned on open");
                     // Do not retry in a loop: mark it as done for this run.
-                    if let Some(s) = self
-                        .state
-                        .borrow_mut()
-                        .partitions
-                        .get_mut(&partition)
-                        .and_then(|p| p.segments.get_mut(slot as usize))
-                    {
+                    if let Some(s) = self.state.borrow_mut().segment_mut(partition, slot) {
                         s.hinted = true;
                     }
                 }

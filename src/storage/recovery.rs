@@ -635,9 +635,7 @@ impl<D: Disk> Inner<D> {
         let dir = self.paths.partition_dir(partition);
         self.disk.sync_dir(&dir).await.map_err(|e| StorageError::io(IoOp::SyncDir, &dir, e))?;
         if sealed {
-            if let Some(segment) =
-                self.state.borrow_mut().partitions.get_mut(&partition).and_then(|p| p.segments.get_mut(slot as usize))
-            {
+            if let Some(segment) = self.state.borrow_mut().segment_mut(partition, slot) {
                 segment.hinted = true;
             }
         }

@@ -645,13 +645,7 @@ impl<D: Disk> Inner<D> {
                 // file's size (and ENOSPC shows up here, not mid-write).
                 let target = align_up_u64(end, step).min(self.segment_allocation_cap()).max(end);
                 file.allocate(target).await.map_err(|e| self.write_error(&path, e))?;
-                if let Some(s) = self
-                    .state
-                    .borrow_mut()
-                    .partitions
-                    .get_mut(&partition)
-                    .and_then(|p| p.segments.get_mut(slot as usize))
-                {
+                if let Some(s) = self.state.borrow_mut().segment_mut(partition, slot) {
                     s.allocated = s.allocated.max(target);
                 }
             }
@@ -700,9 +694,7 @@ impl<D: Disk> Inner<D> {
         if allocated > data_end {
             let path = self.paths.segment(partition, id);
             file.truncate(data_end).await.map_err(|e| self.write_error(&path, e))?;
-            if let Some(s) =
-                self.state.borrow_mut().partitions.get_mut(&partition).and_then(|p| p.segments.get_mut(slot as usize))
-            {
+            if let Some(s) = self.state.borrow_mut().segment_mut(partition, slot) {
                 s.allocated = data_end;
             }
         }

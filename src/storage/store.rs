@@ -192,6 +192,12 @@ impl<D: Disk> State<D> {
         self.next_lsn += 1;
         lsn
     }
+
+    /// Segment `slot` of `partition`, if both still exist (a background job
+    /// may finish after compaction or close removed them).
+    pub fn segment_mut(&mut self, partition: u32, slot: u16) -> Option<&mut super::segment::SegmentState<D>> {
+        self.partitions.get_mut(&partition).and_then(|p| p.segments.get_mut(slot as usize))
+    }
 }
 
 pub(crate) struct ValueWeighter;
@@ -331,13 +337,19 @@ impl<D: Disk> Inner<D> {
         Ok(())
     }
 
-    async fn write(&self, partition: u32, kind: RecordKind, key: &[u8], value: &[u8]) -> Result<()> {
+    /// Checks a write against the limits before anything is written;
+    /// returns its record length.
+    fn admit_write(&self, partition: u32, key: &[u8], value: &[u8]) -> Result<usize> {
         self.check_partition(partition)?;
         self.check_key(key)?;
         if value.len() > self.config.value_bytes_max {
             return Err(StorageError::ValueTooLarge { len: value.len(), limit: self.config.value_bytes_max });
         }
-        let len = record_len(key.len(), value.len());
+        Ok(record_len(key.len(), value.len()))
+    }
+
+    async fn write(&self, partition: u32, kind: RecordKind, key: &[u8], value: &[u8]) -> Result<()> {
+        let len = self.admit_write(partition, key, value)?;
         let waiter = loop {
             let room = self.batch_taken.listen();
             let space = self.flushed.listen();
@@ -712,12 +724,7 @@ impl<D: Disk> ShardStore<D> {
     /// mode); awaiting `durable` gives the outcome `put` would have.
     pub fn try_put(&self, partition: u32, key: &[u8], value: &[u8]) -> Result<TryPut<'_, D>> {
         let inner = &*self.inner;
-        inner.check_partition(partition)?;
-        inner.check_key(key)?;
-        if value.len() > inner.config.value_bytes_max {
-            return Err(StorageError::ValueTooLarge { len: value.len(), limit: inner.config.value_bytes_max });
-        }
-        let len = record_len(key.len(), value.len());
+        let len = inner.admit_write(partition, key, value)?;
         let batch_seq = inner.state.borrow().batch_seq;
         Ok(match inner.try_write(partition, RecordKind::Put, key, value, len)? {
             WriteStep::Done => TryPut::Queued(Queued { batch_seq, ack: None }),
