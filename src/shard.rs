@@ -26,7 +26,7 @@ use crate::protocol::frame::{Opcode, Status};
 use crate::protocol::messages::{batch, decode_request, NodeStatus, Request};
 use crate::runtime::DmaDisk;
 use crate::storage::sync::Notify;
-use crate::storage::{ShardStore, StorageError, TryPut};
+use crate::storage::{ShardStore, StorageError, TryPut, Value};
 
 /// Peer-only operations (the Redis port's semantics); refused from clients.
 pub mod internal {
@@ -114,7 +114,7 @@ enum WriteKind {
 /// A write in a commit batch that is not durable yet (group mode).
 #[derive(Clone)]
 struct Pending {
-    bytes: Rc<[u8]>,
+    bytes: Value,
     batch: u64,
     done: Rc<PendingDone>,
 }
@@ -196,7 +196,7 @@ impl Shard {
     }
 
     /// The stored bytes of a key's version set.
-    async fn read_raw(&self, partition: u32, key: &[u8]) -> Result<Option<Rc<[u8]>>, Fail> {
+    async fn read_raw(&self, partition: u32, key: &[u8]) -> Result<Option<Value>, Fail> {
         self.store.get(partition, key).await.map_err(|e| Fail::new(status_of(&e), e.to_string()))
     }
 
@@ -290,7 +290,7 @@ impl Shard {
             };
             let done = group.then(|| {
                 let done = Rc::new(PendingDone::default());
-                let entry = Pending { bytes: Rc::from(&bytes[..]), batch: queued.batch_seq, done: done.clone() };
+                let entry = Pending { bytes: Value::detached(&bytes), batch: queued.batch_seq, done: done.clone() };
                 self.pending.borrow_mut().insert(key.to_vec(), entry);
                 done
             });

@@ -67,6 +67,8 @@ fn run_sequence(seed: u64, mode: SyncMode) {
             value_bytes_max: if rng.gen_bool(0.2) { 512 } else { 64 },
         };
         let workload_seed: u64 = rng.gen();
+        // Reads in flight while writes land (the cache-fill race).
+        let read_yields = rng.gen_range(0..=2);
         let context = format!("seed {seed} {mode:?} cycle {cycle}");
         let check = check_for(mode, closed_cleanly);
         let ended_clean = exec.block_on({
@@ -90,6 +92,7 @@ fn run_sequence(seed: u64, mode: SyncMode) {
                     return false;
                 }
                 spawner.spawn(background);
+                disk.set_read_yields(read_yields);
                 common::verify_and_rebase(&model, &store, check, &context).await;
                 assert_verified(&store, &context).await;
                 if let Some(n) = crash_ops {

@@ -102,3 +102,53 @@ fn partial_tails_filling_the_budget_do_not_deadlock_writers() {
         store.close().await.unwrap();
     });
 }
+
+/// A read that goes to the disk must not cache what it read if the key was
+/// written while the read was in flight: the cache may only hold the
+/// value the index points at.
+#[test]
+fn a_read_racing_a_write_never_leaves_the_old_value_cached() {
+    let config = small_config(SyncMode::None);
+    let disk = SimDisk::new();
+    let exec = SimExecutor::new(disk.clone());
+    exec.block_on(async {
+        let (store, bg) = ShardStore::open(disk.clone(), root(), config.clone(), LAYOUT).await.unwrap();
+        exec.spawner().spawn(bg);
+        store.put(1, b"k", b"old").await.unwrap();
+        store.close().await.unwrap();
+    });
+    // Reopened: the cache is empty, so the read below goes to the disk.
+    let disk = disk.clean_image();
+    let exec = SimExecutor::new(disk.clone());
+    exec.block_on(async {
+        let (store, bg) = ShardStore::open(disk.clone(), root(), config.clone(), LAYOUT).await.unwrap();
+        exec.spawner().spawn(bg);
+        disk.set_read_yields(3);
+        let reads_before = disk.stats().reads;
+        let read = async { store.get(1, b"k").await.unwrap().map(|v| v.to_vec()) };
+        let write = async {
+            yield_now().await;
+            store.put(1, b"k", b"new").await.unwrap();
+        };
+        let (seen, ()) = futures::join!(read, write);
+        // The interleaving happened: the read began before the write.
+        assert_eq!(seen.as_deref(), Some(&b"old"[..]));
+        assert!(disk.stats().reads > reads_before, "the read went to the disk");
+        let now = store.get(1, b"k").await.unwrap();
+        assert_eq!(now.as_deref(), Some(&b"new"[..]), "a stale value was cached over the write");
+        store.close().await.unwrap();
+    });
+}
+
+async fn yield_now() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            return std::task::Poll::Ready(());
+        }
+        yielded = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    })
+    .await
+}

@@ -10,6 +10,7 @@
 //!
 //! Values are opaque bytes here; causality lives above.
 
+pub mod cache;
 pub mod commit_log;
 pub mod compaction;
 pub mod data_dir;
@@ -27,6 +28,7 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+pub use cache::Value;
 pub use disk::{Disk, DiskBuffer, DiskFile, OpenMode};
 pub use store::{Health, PartitionStore, Queued, ShardLayout, ShardStore, StorageStats, TryPut, VerifyReport};
 

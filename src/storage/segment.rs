@@ -23,6 +23,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
 use slab::Slab;
 
+use super::cache::key_hash;
 use super::disk::{is_no_space, Disk, DiskBuffer, DiskFile, OpenMode};
 use super::format::{
     align_up, align_up_u64, encode_pad, pad_len, parse_record, HintEntries, HintEntry, HintHeader, RecordError,
@@ -349,13 +350,17 @@ impl<D: Disk> PartitionState<D> {
         active.last_lsn = lsn;
         active.dirty_since.get_or_insert_with(|| inner.disk.now());
         let slot = active.slot;
+        // The cache follows the index (see `cache.rs`): the new value, or
+        // no entry at all.
+        let hash = key_hash(key);
         if kind == RecordKind::Put && inner.config.cache_writes {
             let at = (offset - active.tail_start) as usize;
             let value_start = at + RECORD_HEADER_BYTES + align_up(key.len(), RECORD_ALIGN_BYTES);
             let bytes =
                 &active.tail.as_ref().expect("just written").as_bytes()[value_start..value_start + value_len as usize];
-            let segment_id = self.segments[slot as usize].id;
-            inner.cache.borrow_mut().insert((self.id, segment_id, offset as u32), Rc::from(bytes));
+            inner.cache.borrow_mut().insert(self.id, hash, key, bytes);
+        } else {
+            inner.cache.borrow_mut().invalidate(self.id, hash);
         }
         let needs_flush = active.has_unwritten() || !self.sealing.is_empty();
         buffered += len;

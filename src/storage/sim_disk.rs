@@ -74,6 +74,9 @@ struct SimState {
     crash_at_op: Option<u64>,
     crashed: bool,
     capacity_bytes: Option<u64>,
+    /// Times a read yields to other tasks after taking its bytes, so
+    /// tests can interleave work with reads in flight (as a real disk does).
+    read_yields: u32,
     faults: Vec<FaultRule>,
     now: Duration,
     timers: BTreeMap<(Duration, u64), Waker>,
@@ -132,6 +135,20 @@ impl SimState {
     }
 }
 
+/// Lets every other ready task run once.
+async fn yield_now() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            return Poll::Ready(());
+        }
+        yielded = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    })
+    .await
+}
+
 /// A simulated disk; clones share state.
 #[derive(Clone, Default)]
 pub struct SimDisk {
@@ -188,6 +205,12 @@ impl SimDisk {
     /// Writes that would grow the total size past `bytes` fail with ENOSPC.
     pub fn set_capacity(&self, bytes: Option<u64>) {
         self.state.borrow_mut().capacity_bytes = bytes;
+    }
+
+    /// Makes every later read return only after yielding `times` times to
+    /// the executor, with the bytes it saw when it began.
+    pub fn set_read_yields(&self, times: u32) {
+        self.state.borrow_mut().read_yields = times;
     }
 
     pub fn used_bytes(&self) -> u64 {
@@ -340,13 +363,19 @@ impl DiskFile for SimFile {
     }
 
     async fn read_at(&self, pos: u64, len: usize) -> io::Result<Vec<u8>> {
-        let mut s = self.disk.state.borrow_mut();
-        s.begin(SimOp::Read, &self.path)?;
-        s.stats.reads += 1;
-        let data = &s.inodes[&self.inode].data;
-        let start = (pos as usize).min(data.len());
-        let end = (pos as usize).saturating_add(len).min(data.len());
-        Ok(data[start..end].to_vec())
+        let (bytes, yields) = {
+            let mut s = self.disk.state.borrow_mut();
+            s.begin(SimOp::Read, &self.path)?;
+            s.stats.reads += 1;
+            let data = &s.inodes[&self.inode].data;
+            let start = (pos as usize).min(data.len());
+            let end = (pos as usize).saturating_add(len).min(data.len());
+            (data[start..end].to_vec(), s.read_yields)
+        };
+        for _ in 0..yields {
+            yield_now().await;
+        }
+        Ok(bytes)
     }
 
     async fn fdatasync(&self) -> io::Result<()> {

@@ -12,8 +12,9 @@
 //!
 //! Partition buffers are written to segment files by the segment task
 //! (`segment.rs`); the commit log is recycled once the partitions it covers
-//! are synced (`commit_log.rs`). Reads are served from partition buffers,
-//! then a per-shard value cache, then one disk read checked by CRC.
+//! are synced (`commit_log.rs`). Reads are served from the per-shard value
+//! cache (`cache.rs`, coherent with the index), then through the index from
+//! partition buffers or one disk read checked by CRC.
 //!
 //! All state is in one `RefCell` owned by the shard; no borrow is held across
 //! an await.
@@ -28,6 +29,7 @@ use std::task::{Context, Poll, Waker};
 
 use slab::Slab;
 
+use super::cache::{key_hash, Value, ValueCache};
 use super::commit_log::{Batch, CommitLog};
 use super::disk::{Disk, DiskFile};
 use super::format::{encode_record, parse_record, record_len, RecordError, RecordKind};
@@ -200,17 +202,6 @@ impl<D: Disk> State<D> {
     }
 }
 
-pub(crate) struct ValueWeighter;
-
-impl quick_cache::Weighter<(u32, u64, u32), Rc<[u8]>> for ValueWeighter {
-    fn weight(&self, _key: &(u32, u64, u32), value: &Rc<[u8]>) -> u64 {
-        // Counting a fixed overhead keeps empty values from being free.
-        value.len() as u64 + 64
-    }
-}
-
-pub(crate) type ValueCache = quick_cache::unsync::Cache<(u32, u64, u32), Rc<[u8]>, ValueWeighter>;
-
 pub(crate) struct Inner<D: Disk> {
     pub disk: D,
     pub config: StorageConfig,
@@ -233,8 +224,7 @@ pub(crate) struct Inner<D: Disk> {
 
 impl<D: Disk> Inner<D> {
     pub fn new(disk: D, config: StorageConfig, layout: ShardLayout, root: &Path) -> Self {
-        let cache_bytes = config.read_cache_bytes.max(1) as u64;
-        let cache = ValueCache::with_weighter((cache_bytes / 1024).max(16) as usize, cache_bytes, ValueWeighter);
+        let cache = ValueCache::new(config.read_cache_bytes as u64, 256);
         let paths = Paths::new(root, layout.shard);
         Self {
             disk,
@@ -429,9 +419,18 @@ impl<D: Disk> Inner<D> {
         }
     }
 
-    async fn get(&self, partition: u32, key: &[u8]) -> Result<Option<Rc<[u8]>>> {
+    async fn get(&self, partition: u32, key: &[u8]) -> Result<Option<Value>> {
         self.check_partition(partition)?;
         self.check_key(key)?;
+        let hash = key_hash(key);
+        // The cache first: it holds only values the index points at, so a
+        // hit needs no index lookup.
+        if let Some(value) = self.cache.borrow().get(partition, hash, key) {
+            let mut st = self.state.borrow_mut();
+            st.stats.gets += 1;
+            st.stats.cache_hits += 1;
+            return Ok(Some(value));
+        }
         self.state.borrow_mut().stats.gets += 1;
         // A record can move (compaction) between the index lookup and the
         // read; then the lookup is repeated. Each move needs a whole
@@ -444,7 +443,7 @@ impl<D: Disk> Inner<D> {
                     None => return Ok(None),
                 }
             };
-            if let Some(value) = self.read_value(partition, key, location).await? {
+            if let Some(value) = self.read_value(partition, key, hash, location).await? {
                 return Ok(Some(value));
             }
         }
@@ -457,20 +456,13 @@ impl<D: Disk> Inner<D> {
 
     /// Reads the value at `location`; `Ok(None)` when the segment is gone
     /// (the record moved and the index must be consulted again).
-    async fn read_value(&self, partition: u32, key: &[u8], location: Location) -> Result<Option<Rc<[u8]>>> {
+    async fn read_value(&self, partition: u32, key: &[u8], hash: u64, location: Location) -> Result<Option<Value>> {
         let len = record_len(key.len(), location.value_len as usize);
         let offset = u64::from(location.offset);
         let (file, segment_id, memory_start) = {
             let st = self.state.borrow();
             let Some(part) = st.partitions.get(&partition) else { return Ok(None) };
             let Some(segment) = part.segments.get(location.slot as usize) else { return Ok(None) };
-            // The cache first: a hit is a reference-count increment.
-            if let Some(value) = self.cache.borrow_mut().get(&(partition, segment.id, location.offset)) {
-                let value = value.clone();
-                drop(st);
-                self.state.borrow_mut().stats.cache_hits += 1;
-                return Ok(Some(value));
-            }
             let buffer = part.buffer_of(location.slot);
             let memory_start = buffer.map(|b| b.memory_start());
             if let Some(buffer) = buffer.filter(|b| offset >= b.memory_start()) {
@@ -481,7 +473,9 @@ impl<D: Disk> Inner<D> {
                 self.state.borrow_mut().stats.reads_from_memory += 1;
                 // Bytes this process encoded and never read back from a
                 // disk: only the disk can damage them, so no CRC pass here.
-                return self.check_buffered_record(&bytes, partition, key, &path, offset).map(|v| Some(Rc::from(v)));
+                return self
+                    .check_buffered_record(&bytes, partition, key, &path, offset)
+                    .map(|v| Some(Value::new(key, v)));
             }
             (segment.file.clone(), segment.id, memory_start)
         };
@@ -527,8 +521,20 @@ impl<D: Disk> Inner<D> {
             };
         }
         self.state.borrow_mut().stats.disk_reads += 1;
-        let value: Rc<[u8]> = Rc::from(self.check_record(&bytes, partition, key, &path, offset)?);
-        self.cache.borrow_mut().insert((partition, segment_id, location.offset), value.clone());
+        let value = Value::new(key, self.check_record(&bytes, partition, key, &path, offset)?);
+        // Cache it only if it is still the key's value: a write or a
+        // removal may have come in during the read.
+        // (The segment id too: a slot can be reused by a newer segment.)
+        let current = {
+            let st = self.state.borrow();
+            st.partitions.get(&partition).is_some_and(|p| {
+                p.index.get(key) == Some(location)
+                    && p.segments.get(location.slot as usize).is_some_and(|s| s.id == segment_id)
+            })
+        };
+        if current {
+            self.cache.borrow_mut().insert_value(partition, hash, value.clone());
+        }
         Ok(Some(value))
     }
 
@@ -709,7 +715,7 @@ impl<D: Disk> ShardStore<D> {
         PartitionStore { store: self.clone(), partition }
     }
 
-    pub async fn get(&self, partition: u32, key: &[u8]) -> Result<Option<Rc<[u8]>>> {
+    pub async fn get(&self, partition: u32, key: &[u8]) -> Result<Option<Value>> {
         self.inner.get(partition, key).await
     }
 
@@ -829,7 +835,7 @@ impl<D: Disk> PartitionStore<D> {
         self.partition
     }
 
-    pub async fn get(&self, key: &[u8]) -> Result<Option<Rc<[u8]>>> {
+    pub async fn get(&self, key: &[u8]) -> Result<Option<Value>> {
         self.store.get(self.partition, key).await
     }
 
