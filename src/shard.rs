@@ -26,7 +26,7 @@ use crate::protocol::frame::{Opcode, Status};
 use crate::protocol::messages::{batch, decode_request, NodeStatus, Request};
 use crate::runtime::DmaDisk;
 use crate::storage::sync::Notify;
-use crate::storage::{ShardStore, StorageError, TryPut, Value};
+use crate::storage::{Queued, ShardStore, StorageError, TryPut, Value};
 
 /// Peer-only operations (the Redis port's semantics); refused from clients.
 pub mod internal {
@@ -72,7 +72,12 @@ pub struct Shard {
     /// Reused by writes to encode version sets.
     encode_buffer: Cell<rkyv::util::AlignedVec<16>>,
     /// Keys with a write not yet durable (group mode), see `write`.
-    pending: RefCell<std::collections::HashMap<Vec<u8>, Pending>>,
+    /// Each entry's `bytes` holds the key (see `Value`), so an entry costs
+    /// one allocation.
+    pending: RefCell<hashbrown::HashTable<Pending>>,
+    /// The completion shared by the pending writes of the open commit batch
+    /// (they succeed or fail together), by batch sequence number.
+    open_batch_done: RefCell<Option<(u64, Rc<PendingDone>)>>,
     pub stats: RefCell<ShardStats>,
     /// Set when the node is stopping: stop accepting and reading.
     pub stopping: Cell<bool>,
@@ -135,6 +140,114 @@ impl Fail {
     fn new(status: Status, message: impl Into<String>) -> Self {
         Self { status, message: message.into() }
     }
+
+    /// Writes the failure as a reply body; gives its status.
+    fn reply(self, out: &mut Vec<u8>) -> Status {
+        out.extend_from_slice(self.message.as_bytes());
+        self.status
+    }
+}
+
+/// What a read answers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ReadKind {
+    /// Every sibling and the context (`Opcode::Get`).
+    Versions,
+    /// The last-written live sibling's value (Redis GET).
+    Latest,
+    /// Whether a live value exists (Redis EXISTS).
+    Exists,
+}
+
+/// How a write's outcome is replied.
+#[derive(Clone, Copy)]
+enum WriteReply {
+    /// The new causal context (PUT, DELETE).
+    Context,
+    /// Nothing (Redis SET).
+    Empty,
+    /// 1 if a live value was deleted, else 0 (Redis DEL).
+    Deleted,
+}
+
+impl WriteReply {
+    /// `written`: the new context (empty unless this reply needs it);
+    /// `None` when nothing was written.
+    fn write(self, written: Option<&[u8]>, out: &mut Vec<u8>) -> Status {
+        match self {
+            Self::Context => out.extend_from_slice(written.unwrap_or_default()),
+            Self::Empty => {}
+            Self::Deleted => out.push(u8::from(written.is_some())),
+        }
+        Status::Ok
+    }
+}
+
+/// A decoded, checked operation.
+enum Op<'a> {
+    Ping(&'a [u8]),
+    Status,
+    Read { key: &'a [u8], kind: ReadKind },
+    Write { key: &'a [u8], kind: WriteKind, reply: WriteReply },
+}
+
+impl<'a> Op<'a> {
+    fn key(&self) -> Option<&'a [u8]> {
+        match self {
+            Self::Read { key, .. } | Self::Write { key, .. } => Some(key),
+            Self::Ping(_) | Self::Status => None,
+        }
+    }
+}
+
+/// A write in the open commit batch; what is left is to wait until durable.
+struct Enqueued<'a> {
+    queued: Queued<'a, DmaDisk>,
+    /// Its batch's completion in `Shard::pending` (group mode).
+    done: Option<Rc<PendingDone>>,
+    /// The new causal context, if the reply needs it.
+    context: Vec<u8>,
+}
+
+/// One try of a write.
+enum Attempt<'a> {
+    /// Nothing to write: a delete found no live value.
+    Nothing,
+    /// The commit batch or the buffers are full.
+    WouldWait,
+    Enqueued(Enqueued<'a>),
+}
+
+/// An operation after `Shard::execute_now`.
+enum Now<'a> {
+    /// Answered; the reply body is written.
+    Done(Status),
+    /// In the open commit batch; replied once durable.
+    Write { enqueued: Enqueued<'a>, reply: WriteReply },
+    /// Must wait for something besides its own durability.
+    Later,
+}
+
+/// What is left of a batch's operation after the first pass (see
+/// `Shard::execute_batch_group`).
+enum Plan<'s, 'b> {
+    Write { enqueued: Enqueued<'s>, reply: WriteReply, key: Option<&'b [u8]> },
+    Later { opcode: u8, body: &'b [u8], key: Option<&'b [u8]> },
+}
+
+impl<'b> Plan<'_, 'b> {
+    fn key(&self) -> Option<&'b [u8]> {
+        match self {
+            Self::Write { key, .. } | Self::Later { key, .. } => *key,
+        }
+    }
+}
+
+/// What an earlier operation of a batch did to a key.
+#[derive(Clone, Copy, Default)]
+struct Touched {
+    written: bool,
+    deferred: bool,
 }
 
 impl Shard {
@@ -158,7 +271,8 @@ impl Shard {
             peers,
             locks: (0..LOCK_STRIPES).map(|_| futures::lock::Mutex::new(())).collect(),
             encode_buffer: Cell::new(rkyv::util::AlignedVec::new()),
-            pending: RefCell::new(std::collections::HashMap::new()),
+            pending: RefCell::new(hashbrown::HashTable::new()),
+            open_batch_done: RefCell::new(None),
             stats: RefCell::new(ShardStats::default()),
             stopping: Cell::new(false),
             stop: Notify::default(),
@@ -200,20 +314,10 @@ impl Shard {
         self.store.get(partition, key).await.map_err(|e| Fail::new(status_of(&e), e.to_string()))
     }
 
-    /// Read-modify-write of a key's version set under its stripe lock.
-    ///
-    /// In `group` mode a write is visible only once durable, so the lock
-    /// would have to be held across the fdatasync and a hot key would take
-    /// one write per commit batch (a convoy under zipfian load). Instead the
-    /// lock is held only until the write is in the open batch, and the key
-    /// is noted as pending: a later writer builds on a pending write only if
-    /// it is still in the open batch (then both share one fdatasync and
-    /// succeed or fail together); otherwise it waits for that write to be
-    /// durable and reads the stored state. No write ever builds on one that
-    /// could still fail in another batch.
-    async fn write(&self, key: &[u8], kind: WriteKind) -> Result<Option<VersionSet>, Fail> {
+    /// Rejects a write over the limits before anything else happens.
+    fn check_write(&self, key: &[u8], kind: &WriteKind) -> Result<(), Fail> {
         self.check_key(key)?;
-        if let WriteKind::Value { value, .. } = &kind {
+        if let WriteKind::Value { value, .. } = kind {
             if !value.tombstone && value.value.len() > self.config.node.value_bytes_max {
                 let limit = self.config.node.value_bytes_max;
                 return Err(Fail::new(
@@ -222,147 +326,264 @@ impl Shard {
                 ));
             }
         }
-        let partition = self.partition(key);
-        let group = self.config.storage.sync_mode == crate::config::SyncMode::Group;
-        let stripe = (xxhash_rust::xxh3::xxh3_64(key) as usize) % LOCK_STRIPES;
-        let guard = self.locks[stripe].lock().await;
-        let unreadable =
-            |e: encoding::DecodeError| Fail::new(Status::Internal, format!("stored version set unreadable: {e}"));
+        Ok(())
+    }
+
+    fn lock_of(&self, key: &[u8]) -> &futures::lock::Mutex<()> {
+        &self.locks[(xxhash_rust::xxh3::xxh3_64(key) as usize) % LOCK_STRIPES]
+    }
+
+    /// The version set a write to `key` builds on.
+    ///
+    /// In `group` mode a write is visible only once durable, so the key lock
+    /// would have to be held across the fdatasync and a hot key would take
+    /// one write per commit batch (a convoy under zipfian load). Instead the
+    /// lock is held only until the write is in the open batch, and the key
+    /// is noted as pending: a later writer builds on a pending write only if
+    /// it is still in the open batch (then both share one fdatasync and
+    /// succeed or fail together); otherwise it waits for that write to be
+    /// durable and reads the stored state. No write ever builds on one that
+    /// could still fail in another batch.
+    async fn write_base(&self, partition: u32, key: &[u8]) -> Result<Option<Value>, Fail> {
         loop {
-            let base = loop {
-                let pending = self.pending.borrow().get(key).cloned();
-                match pending {
-                    Some(p) if p.batch == self.store.open_batch() => break Some(p.bytes),
-                    Some(p) if !p.done.finished.get() => {
-                        let done = p.done.notify.listen();
-                        if !p.done.finished.get() {
-                            done.await;
-                        }
+            let pending = self.pending_of(key);
+            match pending {
+                Some(p) if p.batch == self.store.open_batch() => return Ok(Some(p.bytes)),
+                Some(p) if !p.done.finished.get() => {
+                    let done = p.done.notify.listen();
+                    if !p.done.finished.get() {
+                        done.await;
                     }
-                    _ => break self.read_raw(partition, key).await?,
                 }
-            };
-            let next = match (&base, &kind) {
-                (Some(bytes), WriteKind::DeleteIfLive) => {
-                    let live = encoding::with_view(bytes, |view| !view.is_deleted()).map_err(unreadable)?;
-                    if !live {
-                        return Ok(None);
-                    }
-                    let tombstone = Sibling { value: Vec::new(), tombstone: true, written_ms: now_ms() };
-                    encoding::with_view(bytes, |view| view.overwrite(tombstone, self.actor)).map_err(unreadable)?
-                }
-                (None, WriteKind::DeleteIfLive) => return Ok(None),
-                (None, WriteKind::Value { context, value }) => {
-                    VersionSet::write(None, &context.clone().unwrap_or_default(), value.clone(), self.actor)
-                }
-                (Some(bytes), WriteKind::Value { context: None, value }) => {
-                    encoding::with_view(bytes, |view| view.overwrite(value.clone(), self.actor)).map_err(unreadable)?
-                }
-                (Some(bytes), WriteKind::Value { context: Some(context), value }) => {
-                    let set = encoding::decode(bytes).map_err(unreadable)?;
-                    VersionSet::write(Some(&set), context, value.clone(), self.actor)
-                }
-            };
-            if next.len() > self.config.node.siblings_max {
-                return Err(Fail::new(
-                    Status::BadRequest,
-                    format!("the write would leave {} siblings (limit {}): read the key and write back a resolved value with its context", next.len(), self.config.node.siblings_max),
-                ));
-            }
-            // Encode into the shard's reusable buffer (taken out while in
-            // use: a concurrent write simply allocates its own).
-            let mut bytes = self.encode_buffer.take();
-            encoding::encode_into(&next, &mut bytes);
-            let attempt = self.store.try_put(partition, key, &bytes);
-            let queued = match attempt {
-                Ok(TryPut::Queued(queued)) => queued,
-                Ok(TryPut::WouldWait) => {
-                    self.encode_buffer.replace(bytes);
-                    // The batch or the buffers are full: wait, then start
-                    // over (the base may have become durable meanwhile).
-                    self.store.wait_to_write().await;
-                    continue;
-                }
-                Err(e) => {
-                    self.encode_buffer.replace(bytes);
-                    return Err(Fail::new(status_of(&e), e.to_string()));
-                }
-            };
-            let done = group.then(|| {
-                let done = Rc::new(PendingDone::default());
-                let entry = Pending { bytes: Value::detached(&bytes), batch: queued.batch_seq, done: done.clone() };
-                self.pending.borrow_mut().insert(key.to_vec(), entry);
-                done
-            });
-            self.encode_buffer.replace(bytes);
-            drop(guard);
-            let result = queued.durable().await;
-            if let Some(done) = done {
-                done.finished.set(true);
-                done.notify.notify();
-                let mut pending = self.pending.borrow_mut();
-                if pending.get(key).is_some_and(|p| Rc::ptr_eq(&p.done, &done)) {
-                    pending.remove(key);
-                }
-            }
-            result.map_err(|e| Fail::new(status_of(&e), e.to_string()))?;
-            return Ok(Some(next));
-        }
-    }
-
-    /// Executes one operation owned by this shard, appending its reply body
-    /// to `out`.
-    pub async fn execute(&self, opcode: u8, body: &[u8], out: &mut Vec<u8>) -> Status {
-        match self.execute_inner(opcode, body, out).await {
-            Ok(status) => status,
-            Err(Fail { status, message }) => {
-                out.extend_from_slice(message.as_bytes());
-                status
+                _ => return self.read_raw(partition, key).await,
             }
         }
     }
 
-    async fn execute_inner(&self, opcode: u8, body: &[u8], out: &mut Vec<u8>) -> Result<Status, Fail> {
-        self.stats.borrow_mut().requests += 1;
-        #[cfg(debug_assertions)]
-        if let Some(key) = &self.fault_panic_key {
-            if opcode == Opcode::Get as u8 && body == key.as_slice() {
-                panic!("fault injection: shard {} panics on request", self.index);
-            }
+    fn pending_of(&self, key: &[u8]) -> Option<Pending> {
+        let pending = self.pending.borrow();
+        if pending.is_empty() {
+            return None;
         }
-        let now = now_ms;
+        pending.find(xxhash_rust::xxh3::xxh3_64(key), |p| p.bytes.key() == key).cloned()
+    }
+
+    /// `write_base` if it needs no waiting and no I/O.
+    fn write_base_now(&self, partition: u32, key: &[u8]) -> Option<Option<Value>> {
+        let pending = self.pending_of(key);
+        match pending {
+            Some(p) if p.batch == self.store.open_batch() => Some(Some(p.bytes)),
+            Some(p) if !p.done.finished.get() => None,
+            _ => self.store.get_now(partition, key),
+        }
+    }
+
+    /// Applies the write to `base` and puts the result into the open commit
+    /// batch. The caller holds the key's lock.
+    fn try_enqueue(
+        &self,
+        partition: u32,
+        key: &[u8],
+        kind: &WriteKind,
+        base: Option<&[u8]>,
+        reply: WriteReply,
+    ) -> Result<Attempt<'_>, Fail> {
         let unreadable =
             |e: encoding::DecodeError| Fail::new(Status::Internal, format!("stored version set unreadable: {e}"));
-        match opcode {
-            internal::GET_LATEST | internal::EXISTS => {
-                self.check_key(body)?;
-                let Some(bytes) = self.read_raw(self.partition(body), body).await? else { return Ok(Status::NotFound) };
-                return encoding::with_view(&bytes, |view| match view.last_written() {
-                    Some(s) if !s.tombstone => {
-                        if opcode == internal::GET_LATEST {
-                            out.extend_from_slice(s.value.as_slice());
-                        }
-                        Status::Ok
-                    }
-                    _ => Status::NotFound,
-                })
-                .map_err(unreadable);
+        let next = match (base, kind) {
+            (Some(bytes), WriteKind::DeleteIfLive) => {
+                let live = encoding::with_view(bytes, |view| !view.is_deleted()).map_err(unreadable)?;
+                if !live {
+                    return Ok(Attempt::Nothing);
+                }
+                let tombstone = Sibling { value: Vec::new(), tombstone: true, written_ms: now_ms() };
+                encoding::with_view(bytes, |view| view.overwrite(tombstone, self.actor)).map_err(unreadable)?
             }
+            (None, WriteKind::DeleteIfLive) => return Ok(Attempt::Nothing),
+            (None, WriteKind::Value { context, value }) => {
+                VersionSet::write(None, &context.clone().unwrap_or_default(), value.clone(), self.actor)
+            }
+            (Some(bytes), WriteKind::Value { context: None, value }) => {
+                encoding::with_view(bytes, |view| view.overwrite(value.clone(), self.actor)).map_err(unreadable)?
+            }
+            (Some(bytes), WriteKind::Value { context: Some(context), value }) => {
+                let set = encoding::decode(bytes).map_err(unreadable)?;
+                VersionSet::write(Some(&set), context, value.clone(), self.actor)
+            }
+        };
+        if next.len() > self.config.node.siblings_max {
+            return Err(Fail::new(
+                Status::BadRequest,
+                format!("the write would leave {} siblings (limit {}): read the key and write back a resolved value with its context", next.len(), self.config.node.siblings_max),
+            ));
+        }
+        // Encode into the shard's reusable buffer (taken out while in use:
+        // a concurrent write simply allocates its own).
+        let mut bytes = self.encode_buffer.take();
+        encoding::encode_into(&next, &mut bytes);
+        let attempt = self.store.try_put(partition, key, &bytes);
+        let attempt = match attempt {
+            Ok(TryPut::Queued(queued)) => {
+                let group = self.config.storage.sync_mode == crate::config::SyncMode::Group;
+                let done = group.then(|| self.note_pending(key, &bytes, queued.batch_seq));
+                // Built now so that the version set is freed at once: a
+                // commit batch keeps hundreds of writes waiting, and
+                // glibc's per-thread cache holds only a few freed blocks
+                // of each size.
+                let context = match reply {
+                    WriteReply::Context => next.join().encode(),
+                    WriteReply::Empty | WriteReply::Deleted => Vec::new(),
+                };
+                Ok(Attempt::Enqueued(Enqueued { queued, done, context }))
+            }
+            Ok(TryPut::WouldWait) => Ok(Attempt::WouldWait),
+            Err(e) => Err(Fail::new(status_of(&e), e.to_string())),
+        };
+        self.encode_buffer.replace(bytes);
+        attempt
+    }
+
+    /// Notes a write to `key` in commit batch `batch` as pending (group
+    /// mode); gives the batch's completion.
+    fn note_pending(&self, key: &[u8], bytes: &[u8], batch: u64) -> Rc<PendingDone> {
+        let done = {
+            let mut open = self.open_batch_done.borrow_mut();
+            match &*open {
+                Some((seq, done)) if *seq == batch => done.clone(),
+                _ => {
+                    let done = Rc::new(PendingDone::default());
+                    *open = Some((batch, done.clone()));
+                    done
+                }
+            }
+        };
+        let entry = Pending { bytes: Value::new(key, bytes), batch, done: done.clone() };
+        let hash = xxhash_rust::xxh3::xxh3_64(key);
+        let mut pending = self.pending.borrow_mut();
+        match pending.find_mut(hash, |p| p.bytes.key() == key) {
+            Some(slot) => *slot = entry,
+            None => {
+                pending.insert_unique(hash, entry, |p| xxhash_rust::xxh3::xxh3_64(p.bytes.key()));
+            }
+        }
+        done
+    }
+
+    /// Waits until an enqueued write is durable; gives the new causal
+    /// context if its reply needs one.
+    async fn finish(&self, key: &[u8], enqueued: Enqueued<'_>) -> Result<Vec<u8>, Fail> {
+        let Enqueued { queued, done, context } = enqueued;
+        let batch = queued.batch_seq;
+        let result = queued.durable().await;
+        if let Some(done) = done {
+            // The whole commit batch is settled (its writes share one
+            // fdatasync): waiters on any of them can read the store.
+            done.finished.set(true);
+            done.notify.notify();
+            let mut pending = self.pending.borrow_mut();
+            if let Ok(entry) = pending.find_entry(xxhash_rust::xxh3::xxh3_64(key), |p| p.bytes.key() == key) {
+                if entry.get().batch == batch {
+                    entry.remove();
+                }
+            }
+        }
+        result.map_err(|e| Fail::new(status_of(&e), e.to_string()))?;
+        Ok(context)
+    }
+
+    /// Read-modify-write of a key's version set under its stripe lock;
+    /// gives the new context if `reply` needs it, `None` when a delete
+    /// found nothing live to delete.
+    async fn write(&self, key: &[u8], kind: WriteKind, reply: WriteReply) -> Result<Option<Vec<u8>>, Fail> {
+        self.check_write(key, &kind)?;
+        let partition = self.partition(key);
+        let guard = self.lock_of(key).lock().await;
+        loop {
+            let base = self.write_base(partition, key).await?;
+            match self.try_enqueue(partition, key, &kind, base.as_deref(), reply)? {
+                Attempt::Nothing => return Ok(None),
+                // The batch or the buffers are full: wait, then start over
+                // (the base may have become durable meanwhile).
+                Attempt::WouldWait => self.store.wait_to_write().await,
+                Attempt::Enqueued(enqueued) => {
+                    drop(guard);
+                    return self.finish(key, enqueued).await.map(Some);
+                }
+            }
+        }
+    }
+
+    /// `write` up to the point of waiting for durability, if nothing else
+    /// needs waiting for (the lock, a pending write of an older batch, the
+    /// disk, room in the batch); `None` otherwise.
+    fn write_now(&self, key: &[u8], kind: &WriteKind, reply: WriteReply) -> Option<Result<Attempt<'_>, Fail>> {
+        if let Err(fail) = self.check_write(key, kind) {
+            return Some(Err(fail));
+        }
+        let partition = self.partition(key);
+        let _guard = self.lock_of(key).try_lock()?;
+        let base = self.write_base_now(partition, key)?;
+        match self.try_enqueue(partition, key, kind, base.as_deref(), reply) {
+            Ok(Attempt::WouldWait) => None,
+            other => Some(other),
+        }
+    }
+
+    /// Decodes and checks one operation.
+    fn prepare<'a>(&self, opcode: u8, body: &'a [u8]) -> Result<Op<'a>, Fail> {
+        let read = |key: &'a [u8], kind: ReadKind| -> Result<Op<'a>, Fail> {
+            self.check_key(key)?;
+            Ok(Op::Read { key, kind })
+        };
+        match opcode {
+            internal::GET_LATEST => return read(body, ReadKind::Latest),
+            internal::EXISTS => return read(body, ReadKind::Exists),
             _ => {}
         }
         let request = decode_request(opcode, body).map_err(|e| Fail::new(e.status(), e.message()))?;
-        match request {
-            Request::Ping(b) => {
-                out.extend_from_slice(b);
-                Ok(Status::Ok)
-            }
-            Request::Status => {
-                self.node_status().encode(out);
-                Ok(Status::Ok)
-            }
-            Request::Get { key } => {
-                self.check_key(key)?;
-                let Some(bytes) = self.read_raw(self.partition(key), key).await? else { return Ok(Status::NotFound) };
+        let value = |bytes: &[u8], tombstone: bool| Sibling { value: bytes.to_vec(), tombstone, written_ms: now_ms() };
+        Ok(match request {
+            Request::Ping(b) => Op::Ping(b),
+            Request::Status => Op::Status,
+            Request::Get { key } => return read(key, ReadKind::Versions),
+            // A delete is a put of a tombstone; both reply with the new context.
+            Request::Put { key, context, value: v } => Op::Write {
+                key,
+                kind: WriteKind::Value { context: Some(self.context(context)?), value: value(v, false) },
+                reply: WriteReply::Context,
+            },
+            Request::Delete { key, context } => Op::Write {
+                key,
+                kind: WriteKind::Value { context: Some(self.context(context)?), value: value(&[], true) },
+                reply: WriteReply::Context,
+            },
+            Request::Overwrite { key, value: v } => Op::Write {
+                key,
+                kind: WriteKind::Value { context: None, value: value(v, false) },
+                reply: WriteReply::Empty,
+            },
+            Request::DeleteAll { key } => Op::Write { key, kind: WriteKind::DeleteIfLive, reply: WriteReply::Deleted },
+            Request::Batch(_) => return Err(Fail::new(Status::BadRequest, "batches do not nest")),
+        })
+    }
+
+    /// The reply to a read of `bytes` (the key's stored version set).
+    fn read_reply(&self, kind: ReadKind, bytes: Option<Value>, out: &mut Vec<u8>) -> Result<Status, Fail> {
+        let unreadable =
+            |e: encoding::DecodeError| Fail::new(Status::Internal, format!("stored version set unreadable: {e}"));
+        let Some(bytes) = bytes else { return Ok(Status::NotFound) };
+        match kind {
+            ReadKind::Latest | ReadKind::Exists => encoding::with_view(&bytes, |view| match view.last_written() {
+                Some(s) if !s.tombstone => {
+                    if kind == ReadKind::Latest {
+                        out.extend_from_slice(s.value.as_slice());
+                    }
+                    Status::Ok
+                }
+                _ => Status::NotFound,
+            })
+            .map_err(unreadable),
+            ReadKind::Versions => {
                 // A deleted key reads as not found, with the context a later
                 // write needs to supersede the tombstone.
                 let deleted =
@@ -378,33 +599,72 @@ impl Shard {
                     }
                 }
             }
-            // A delete is a put of a tombstone; both reply with the new context.
-            Request::Put { key, context, .. } | Request::Delete { key, context } => {
-                let context = self.context(context)?;
-                let value = match request {
-                    Request::Put { value, .. } => {
-                        Sibling { value: value.to_vec(), tombstone: false, written_ms: now() }
-                    }
-                    _ => Sibling { value: Vec::new(), tombstone: true, written_ms: now() },
-                };
-                let set = self
-                    .write(key, WriteKind::Value { context: Some(context), value })
-                    .await?
-                    .expect("a value write writes");
-                out.extend_from_slice(&set.join().encode());
+        }
+    }
+
+    /// Executes one operation owned by this shard, appending its reply body
+    /// to `out`.
+    pub async fn execute(&self, opcode: u8, body: &[u8], out: &mut Vec<u8>) -> Status {
+        self.execute_inner(opcode, body, out).await.unwrap_or_else(|fail| fail.reply(out))
+    }
+
+    async fn execute_inner(&self, opcode: u8, body: &[u8], out: &mut Vec<u8>) -> Result<Status, Fail> {
+        self.stats.borrow_mut().requests += 1;
+        #[cfg(debug_assertions)]
+        self.inject_fault(opcode, body);
+        match self.prepare(opcode, body)? {
+            Op::Ping(b) => {
+                out.extend_from_slice(b);
                 Ok(Status::Ok)
             }
-            Request::Overwrite { key, value } => {
-                let value = Sibling { value: value.to_vec(), tombstone: false, written_ms: now() };
-                self.write(key, WriteKind::Value { context: None, value }).await?;
+            Op::Status => {
+                self.node_status().encode(out);
                 Ok(Status::Ok)
             }
-            Request::DeleteAll { key } => {
-                let deleted = self.write(key, WriteKind::DeleteIfLive).await?.is_some();
-                out.push(u8::from(deleted));
-                Ok(Status::Ok)
+            Op::Read { key, kind } => {
+                let bytes = self.read_raw(self.partition(key), key).await?;
+                self.read_reply(kind, bytes, out)
             }
-            Request::Batch(_) => Err(Fail::new(Status::BadRequest, "batches do not nest")),
+            Op::Write { key, kind, reply } => {
+                let written = self.write(key, kind, reply).await?;
+                Ok(reply.write(written.as_deref(), out))
+            }
+        }
+    }
+
+    /// `execute` as far as it goes without waiting for anything but the
+    /// operation's own durability.
+    fn execute_now<'a>(&'a self, op: Op<'_>, out: &mut Vec<u8>) -> Now<'a> {
+        let now = match op {
+            Op::Ping(b) => {
+                out.extend_from_slice(b);
+                Now::Done(Status::Ok)
+            }
+            Op::Status => {
+                self.node_status().encode(out);
+                Now::Done(Status::Ok)
+            }
+            Op::Read { key, kind } => match self.store.get_now(self.partition(key), key) {
+                Some(bytes) => Now::Done(self.read_reply(kind, bytes, out).unwrap_or_else(|fail| fail.reply(out))),
+                None => return Now::Later,
+            },
+            Op::Write { key, kind, reply } => match self.write_now(key, &kind, reply) {
+                None => return Now::Later,
+                Some(Err(fail)) => Now::Done(fail.reply(out)),
+                Some(Ok(Attempt::Enqueued(enqueued))) => Now::Write { enqueued, reply },
+                Some(Ok(Attempt::Nothing | Attempt::WouldWait)) => Now::Done(reply.write(None, out)),
+            },
+        };
+        self.stats.borrow_mut().requests += 1;
+        now
+    }
+
+    #[cfg(debug_assertions)]
+    fn inject_fault(&self, opcode: u8, body: &[u8]) {
+        if let Some(key) = &self.fault_panic_key {
+            if opcode == Opcode::Get as u8 && body == key.as_slice() {
+                panic!("fault injection: shard {} panics on request", self.index);
+            }
         }
     }
 
@@ -444,33 +704,167 @@ impl Shard {
         }
     }
 
-    /// Executes a batch of operations owned by this shard, replies in
-    /// order. In `group` mode operations run concurrently so that their
-    /// writes share commit-log batches; otherwise they complete without
-    /// waiting for the disk (unless a read misses every cache), and run one
-    /// after another with replies written straight into the response.
+    /// Executes a batch of operations owned by this shard; replies in
+    /// order, and the effects are those of running the operations one
+    /// after another (a pipelined GET after a SET of the same key sees it).
     pub async fn execute_batch(&self, body: &[u8]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(body.len() + 64);
-        if self.config.storage.sync_mode == crate::config::SyncMode::Group {
-            let ops: Vec<(u8, &[u8])> = batch::requests(body).map_while(Result::ok).collect();
-            let outcomes = futures::future::join_all(ops.iter().map(|(opcode, body)| async move {
-                let mut reply = Vec::new();
-                let status = self.execute(*opcode, body, &mut reply).await;
-                (status, reply)
-            }))
-            .await;
-            for ((opcode, _), (status, reply)) in ops.iter().zip(outcomes) {
-                batch::push_response_with(&mut out, *opcode, status as u8, |o| o.extend_from_slice(&reply));
+        if self.config.storage.sync_mode != crate::config::SyncMode::Group {
+            // Writes are applied when queued and never wait for the disk:
+            // one after another is as fast and allocates nothing per
+            // operation (only a read missing every cache waits).
+            let mut out = Vec::with_capacity(body.len() + 64);
+            for (opcode, op_body) in batch::requests(body).map_while(Result::ok) {
+                batch::push_response_with(&mut out, opcode, 0, |_| {});
+                let at = out.len() - 6;
+                let status = self.execute(opcode, op_body, &mut out).await;
+                let len = (out.len() - at - 6) as u32;
+                out[at + 1] = status as u8;
+                out[at + 2..at + 6].copy_from_slice(&len.to_le_bytes());
             }
             return out;
         }
-        for (opcode, op_body) in batch::requests(body).map_while(Result::ok) {
-            let at = out.len();
-            out.extend_from_slice(&[opcode, 0, 0, 0, 0, 0]);
-            let status = self.execute(opcode, op_body, &mut out).await;
-            let len = (out.len() - at - 6) as u32;
-            out[at + 1] = status as u8;
-            out[at + 2..at + 6].copy_from_slice(&len.to_le_bytes());
+        self.execute_batch_group(body).await
+    }
+
+    /// `execute_batch` in `group` mode, where writes wait for an fdatasync
+    /// and so must overlap.
+    ///
+    /// First pass, without waiting: reads answered from the cache or the
+    /// index, writes put into the open commit batch. Deferred: what needs
+    /// waiting (a read from the disk, a contended key lock, a full batch),
+    /// any operation on a key that an earlier deferred operation of the
+    /// batch touches, and reads of a key an earlier operation wrote (not
+    /// visible until durable). Second pass: the writes' durability is
+    /// awaited while deferred operations run, concurrently across keys and
+    /// in order within a key. A batch costs a handful of allocations, none
+    /// per operation, and its writes share commit batches.
+    async fn execute_batch_group(&self, body: &[u8]) -> Vec<u8> {
+        let count = batch::requests(body).map_while(Result::ok).count();
+        // Reply bytes of every operation, in completion order.
+        let replies = RefCell::new(Vec::with_capacity(count * 8));
+        // Per operation: opcode, status, range of `replies`.
+        let answers = RefCell::new(vec![(0u8, Status::Internal, 0..0); count]);
+        let mut plans: Vec<Option<Plan<'_, '_>>> = Vec::with_capacity(count);
+        let mut touched: std::collections::HashMap<&[u8], Touched> = std::collections::HashMap::new();
+        for (i, (opcode, op_body)) in batch::requests(body).map_while(Result::ok).enumerate() {
+            #[cfg(debug_assertions)]
+            self.inject_fault(opcode, op_body);
+            let mut out = replies.borrow_mut();
+            let start = out.len();
+            let answer = |status: Status, out: &Vec<u8>| answers.borrow_mut()[i] = (opcode, status, start..out.len());
+            let op = match self.prepare(opcode, op_body) {
+                Ok(op) => op,
+                Err(fail) => {
+                    let status = fail.reply(&mut out);
+                    answer(status, &out);
+                    plans.push(None);
+                    continue;
+                }
+            };
+            let key = op.key();
+            let seen = key.and_then(|k| touched.get(k)).copied().unwrap_or_default();
+            let must_wait = seen.deferred || (seen.written && matches!(op, Op::Read { .. }));
+            let plan = if must_wait {
+                Some(Plan::Later { opcode, body: op_body, key })
+            } else {
+                match self.execute_now(op, &mut out) {
+                    Now::Done(status) => {
+                        answer(status, &out);
+                        None
+                    }
+                    Now::Write { enqueued, reply } => Some(Plan::Write { enqueued, reply, key }),
+                    Now::Later => Some(Plan::Later { opcode, body: op_body, key }),
+                }
+            };
+            match (&plan, key) {
+                (Some(Plan::Later { .. }), Some(k)) => touched.entry(k).or_default().deferred = true,
+                (Some(Plan::Write { .. }), Some(k)) => touched.entry(k).or_default().written = true,
+                _ => {}
+            }
+            answers.borrow_mut()[i].0 = opcode;
+            plans.push(plan);
+        }
+        // Second pass. Keys with a deferred operation form chains (their
+        // writes and deferred operations, in order); the other writes only
+        // wait to be durable.
+        let chained = |plan: &Plan<'_, '_>| plan.key().is_some_and(|k| touched.get(k).is_some_and(|t| t.deferred));
+        let mut chains: Vec<Vec<usize>> = Vec::new();
+        if touched.values().any(|t| t.deferred) {
+            let mut chain_of: std::collections::HashMap<&[u8], usize> = std::collections::HashMap::new();
+            for (i, plan) in plans.iter().enumerate() {
+                if let Some(key) = plan.as_ref().filter(|p| chained(p)).and_then(Plan::key) {
+                    let chain = *chain_of.entry(key).or_insert_with(|| {
+                        chains.push(Vec::new());
+                        chains.len() - 1
+                    });
+                    chains[chain].push(i);
+                }
+            }
+        }
+        let plans = RefCell::new(plans);
+        let run = |indices: Option<Vec<usize>>| {
+            let (plans, replies, answers) = (&plans, &replies, &answers);
+            async move {
+                let next_index = |cursor: &mut usize| -> Option<usize> {
+                    match &indices {
+                        Some(list) => {
+                            let i = list.get(*cursor).copied();
+                            *cursor += 1;
+                            i
+                        }
+                        // The writes outside chains, in order.
+                        None => {
+                            let plans = plans.borrow();
+                            while *cursor < plans.len() {
+                                let i = *cursor;
+                                *cursor += 1;
+                                if plans[i].as_ref().is_some_and(|p| !chained(p)) {
+                                    return Some(i);
+                                }
+                            }
+                            None
+                        }
+                    }
+                };
+                let mut cursor = 0;
+                while let Some(i) = next_index(&mut cursor) {
+                    let plan = plans.borrow_mut()[i].take().expect("each plan runs once");
+                    let (status, bytes) = match plan {
+                        Plan::Write { enqueued, reply, key } => {
+                            let result = self.finish(key.expect("writes have keys"), enqueued).await;
+                            let mut out = replies.borrow_mut();
+                            let start = out.len();
+                            let status = match result {
+                                Ok(context) => reply.write(Some(&context), &mut out),
+                                Err(fail) => fail.reply(&mut out),
+                            };
+                            (status, start..out.len())
+                        }
+                        Plan::Later { opcode, body, .. } => {
+                            let mut own = Vec::new();
+                            let status = self.execute(opcode, body, &mut own).await;
+                            let mut out = replies.borrow_mut();
+                            let start = out.len();
+                            out.extend_from_slice(&own);
+                            (status, start..out.len())
+                        }
+                    };
+                    let mut answers = answers.borrow_mut();
+                    answers[i].1 = status;
+                    answers[i].2 = bytes;
+                }
+            }
+        };
+        if chains.is_empty() {
+            run(None).await;
+        } else {
+            futures::future::join(run(None), futures::future::join_all(chains.into_iter().map(|c| run(Some(c))))).await;
+        }
+        let replies = replies.into_inner();
+        let answers = answers.into_inner();
+        let mut out = Vec::with_capacity(replies.len() + 6 * count);
+        for (opcode, status, range) in answers {
+            batch::push_response_with(&mut out, opcode, status as u8, |o| o.extend_from_slice(&replies[range]));
         }
         out
     }

@@ -42,12 +42,8 @@ impl Value {
         Self { record: Rc::from(record), key_len }
     }
 
-    /// Bytes not tied to a key (for callers that keep values of their own).
-    pub fn detached(value: &[u8]) -> Self {
-        Self { record: Rc::from(value), key_len: 0 }
-    }
-
-    fn key(&self) -> &[u8] {
+    /// The key this value was made for.
+    pub fn key(&self) -> &[u8] {
         &self.record[..usize::from(self.key_len)]
     }
 

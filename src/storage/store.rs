@@ -419,6 +419,24 @@ impl<D: Disk> Inner<D> {
         }
     }
 
+    fn get_now(&self, partition: u32, key: &[u8]) -> Option<Option<Value>> {
+        if self.check_partition(partition).is_err() || self.check_key(key).is_err() {
+            return None;
+        }
+        let cached = self.cache.borrow().get(partition, key_hash(key), key);
+        let mut st = self.state.borrow_mut();
+        let answer = match cached {
+            Some(value) => {
+                st.stats.cache_hits += 1;
+                Some(value)
+            }
+            None if st.partitions.get(&partition).and_then(|p| p.index.get(key)).is_none() => None,
+            None => return None,
+        };
+        st.stats.gets += 1;
+        Some(answer)
+    }
+
     async fn get(&self, partition: u32, key: &[u8]) -> Result<Option<Value>> {
         self.check_partition(partition)?;
         self.check_key(key)?;
@@ -717,6 +735,14 @@ impl<D: Disk> ShardStore<D> {
 
     pub async fn get(&self, partition: u32, key: &[u8]) -> Result<Option<Value>> {
         self.inner.get(partition, key).await
+    }
+
+    /// `get` when it needs no I/O: `Some(answer)` when the cache holds the
+    /// key or the index has no such key; `None` when only `get` can answer
+    /// (the value is in a write buffer or on the disk, or the request is
+    /// invalid and `get` will say why).
+    pub fn get_now(&self, partition: u32, key: &[u8]) -> Option<Option<Value>> {
+        self.inner.get_now(partition, key)
     }
 
     /// Stores `value` under `key`. Returns once durable per the sync mode.
