@@ -7,7 +7,9 @@
 //!   owning shard, and the request goes to that shard's own port, so the
 //!   node never needs a cross-core hop for it.
 //! - Pipelining: any number of requests in flight per connection, replies
-//!   matched by request id; connections are reused.
+//!   matched by request id; connections are reused. Requests in flight
+//!   together are concurrent: the node may apply them in any order, so a
+//!   read that must see a write is sent after the write's reply.
 //! - Per-request timeouts: a request without a reply in time fails with
 //!   `UnknownOutcome`: the write may or may not have happened. It is never
 //!   reported as failed.
