@@ -104,11 +104,21 @@ impl Turn {
 /// Adds one command to the turn.
 fn admit(shard: &Shard, turn: &mut Turn, buf: &[u8], args: &[Range<usize>]) {
     let arg = |i: usize| &buf[args[i].clone()];
-    let name = String::from_utf8_lossy(arg(0)).to_ascii_uppercase();
+    // Upper-cased into a stack buffer: this runs for every command.
+    let mut upper = [0u8; 16];
+    let name = match arg(0) {
+        raw if raw.len() <= upper.len() => {
+            let upper = &mut upper[..raw.len()];
+            upper.copy_from_slice(raw);
+            upper.make_ascii_uppercase();
+            std::str::from_utf8(upper).unwrap_or("")
+        }
+        _ => "",
+    };
     let n = args.len();
     let wrong =
         |turn: &mut Turn| turn.error(&format!("ERR wrong number of arguments for '{}' command", name.to_lowercase()));
-    match name.as_str() {
+    match name {
         "PING" => match n {
             1 => turn.reply(|o| resp::simple(o, "PONG")),
             2 => turn.reply(|o| resp::bulk(o, arg(1))),

@@ -47,7 +47,8 @@ pub mod internal {
 /// A batch of requests from another shard, and where to send the replies.
 pub struct PeerMessage {
     pub body: Vec<u8>,
-    pub reply: oneshot::Sender<Vec<u8>>,
+    /// The request buffer comes back with the replies, for reuse.
+    pub reply: oneshot::Sender<(Vec<u8>, Vec<u8>)>,
 }
 
 const LOCK_STRIPES: usize = 256;
@@ -869,10 +870,12 @@ impl Shard {
         out
     }
 
-    /// Runs a batch on shard `target` (here, or one hop away).
-    pub async fn run_batch(&self, target: u32, body: Vec<u8>) -> Result<Vec<u8>, Status> {
+    /// Runs a batch on shard `target` (here, or one hop away); gives back
+    /// the request buffer with the replies.
+    pub async fn run_batch(&self, target: u32, body: Vec<u8>) -> Result<(Vec<u8>, Vec<u8>), Status> {
         if target == self.index {
-            return Ok(self.execute_batch(&body).await);
+            let out = self.execute_batch(&body).await;
+            return Ok((body, out));
         }
         self.stats.borrow_mut().forwarded_batches += 1;
         let (reply, response) = oneshot::channel();
@@ -900,7 +903,7 @@ pub async fn serve_peers(shard: Rc<Shard>, inbound: async_channel::Receiver<Peer
         let shard = shard.clone();
         crate::runtime::spawn_detached(async move {
             let out = shard.execute_batch(&body).await;
-            let _ = reply.send(out);
+            let _ = reply.send((body, out));
         });
     }
 }
@@ -963,7 +966,7 @@ impl Dispatch {
         let results = futures::future::join_all(groups.into_iter().map(|(target, body)| async move {
             let count = batch::requests(&body).count();
             match shard.run_batch(target, body).await {
-                Ok(out) => (target, out),
+                Ok((body, out)) => (target, body, out),
                 Err(status) => {
                     // The target could not be reached: every operation sent
                     // there fails alike.
@@ -973,7 +976,7 @@ impl Dispatch {
                             o.extend_from_slice(b"shard unavailable")
                         });
                     }
-                    (target, out)
+                    (target, Vec::new(), out)
                 }
             }
         }))
@@ -981,7 +984,9 @@ impl Dispatch {
         if self.responses.len() < self.batches.len() {
             self.responses.resize_with(self.batches.len(), Vec::new);
         }
-        for (target, out) in results {
+        for (target, body, out) in results {
+            // The request buffer keeps its capacity for the next turn.
+            self.batches[target as usize] = body;
             self.responses[target as usize] = out;
         }
         let mut cursors = vec![0usize; self.responses.len()];
