@@ -195,6 +195,7 @@ impl Default for ReadBuffer {
 }
 
 /// What each frame of a turn expects back.
+#[derive(Clone, Copy)]
 enum Pending {
     /// One operation: its index in its lane's dispatch.
     Single { request_id: u64, opcode: u8, lane: usize, op: usize },
@@ -343,13 +344,36 @@ async fn run_lane(shard: &Shard, mut lane: Lane) -> Lane {
     lane
 }
 
+/// Most turns' write lanes one connection keeps in flight (each waits for
+/// an fdatasync in `group` mode); beyond it the connection stops reading.
+const WRITE_TURNS_IN_FLIGHT_MAX: usize = 8;
+
+/// A turn's write lane still running, with the frames it answers.
+struct WriteTurn {
+    lanes: [Lane; 2],
+    pending: Vec<Pending>,
+}
+
+type WriteTurnFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = WriteTurn> + 'a>>;
+
+/// Encodes a finished write turn's replies; true if one ends the connection.
+fn encode_write_turn(out: &mut Vec<u8>, turn: &WriteTurn) -> bool {
+    encode_replies(out, &turn.pending, &turn.lanes, Some(WRITE_LANE))
+}
+
 pub async fn serve_native(shard: Rc<Shard>, mut stream: TcpStream) {
+    use futures::stream::{FuturesUnordered, StreamExt};
     let limit = shard.config.request_body_bytes_max();
     let mut input = ReadBuffer::new();
     let mut out = Vec::with_capacity(64 << 10);
     let new_lane = || Lane { dispatch: Dispatch::new(shard.shard_count), opcodes: Vec::new() };
     let mut lanes = [new_lane(), new_lane()];
     let mut pending = Vec::new();
+    // Write lanes of earlier turns still waiting to be durable: reads that
+    // arrive meanwhile are served without waiting for those fdatasyncs.
+    let mut in_flight: FuturesUnordered<WriteTurnFuture<'_>> = FuturesUnordered::new();
+    // Lanes and lists of finished write turns, reused.
+    let mut spare: Vec<([Lane; 2], Vec<Pending>)> = Vec::new();
     loop {
         // Parse every complete frame already received.
         let mut fatal = None;
@@ -378,44 +402,65 @@ pub async fn serve_native(shard: Rc<Shard>, mut stream: TcpStream) {
             }
         }
         let mut close = fatal.is_some();
-        // Moved out (a default lane allocates nothing) and back in below,
-        // so the lanes' buffers are reused from turn to turn.
-        let [reads, writes] = std::mem::take(&mut lanes);
-        if reads.dispatch.is_empty() || writes.dispatch.is_empty() {
-            let reads = run_lane(&shard, reads).await;
-            let writes = run_lane(&shard, writes).await;
-            lanes = [reads, writes];
-        } else {
-            let read_run = std::pin::pin!(run_lane(&shard, reads));
-            let write_run = std::pin::pin!(run_lane(&shard, writes));
-            match futures::future::select(read_run, write_run).await {
-                futures::future::Either::Left((reads, write_run)) => {
-                    // Reads are done first (the usual case in group mode):
-                    // send their replies now, the writes' when durable.
-                    lanes[READ_LANE] = reads;
-                    close |= encode_replies(&mut out, &pending, &lanes, Some(READ_LANE));
-                    pending.retain(|p| p.lane() != READ_LANE);
-                    if stream.write_all(&out).await.is_err() {
-                        return;
-                    }
-                    out.clear();
-                    lanes[WRITE_LANE] = write_run.await;
+        // The write lane goes in flight with its frames; the turn's own
+        // lanes are refilled from the spares (a default lane allocates
+        // nothing until used).
+        if !lanes[WRITE_LANE].dispatch.is_empty() {
+            let (mut next_lanes, mut next_pending) = spare.pop().unwrap_or_default();
+            std::mem::swap(&mut lanes[WRITE_LANE], &mut next_lanes[WRITE_LANE]);
+            next_pending.extend(pending.iter().filter(|p| p.lane() == WRITE_LANE).copied());
+            pending.retain(|p| p.lane() != WRITE_LANE);
+            let shard = &*shard;
+            in_flight.push(Box::pin(async move {
+                let writes = std::mem::take(&mut next_lanes[WRITE_LANE]);
+                next_lanes[WRITE_LANE] = run_lane(shard, writes).await;
+                WriteTurn { lanes: next_lanes, pending: next_pending }
+            }));
+        }
+        let mut finished = Vec::new();
+        // The reads run while the write turns progress.
+        let reads = std::mem::take(&mut lanes[READ_LANE]);
+        {
+            let mut read_run = std::pin::pin!(run_lane(&shard, reads));
+            lanes[READ_LANE] = loop {
+                if in_flight.is_empty() {
+                    break read_run.await;
                 }
-                futures::future::Either::Right((writes, read_run)) => {
-                    lanes[WRITE_LANE] = writes;
-                    lanes[READ_LANE] = read_run.await;
+                match futures::future::select(read_run.as_mut(), in_flight.next()).await {
+                    futures::future::Either::Left((reads, _)) => break reads,
+                    futures::future::Either::Right((Some(turn), _)) => finished.push(turn),
+                    futures::future::Either::Right((None, _)) => {}
                 }
+            };
+        }
+        // Write turns that are done by now go out in the same send (in
+        // `none` mode, usually this turn's own).
+        while let Some(Some(turn)) = in_flight.next().now_or_never() {
+            finished.push(turn);
+        }
+        close |= encode_replies(&mut out, &pending, &lanes, Some(READ_LANE));
+        pending.clear();
+        for lane in &mut lanes {
+            lane.clear();
+        }
+        if close {
+            // Every reply owed is sent before the connection ends.
+            while let Some(turn) = in_flight.next().await {
+                finished.push(turn);
             }
         }
-        close |= encode_replies(&mut out, &pending, &lanes, None);
-        pending.clear();
+        for mut turn in finished {
+            close |= encode_write_turn(&mut out, &turn);
+            for lane in &mut turn.lanes {
+                lane.clear();
+            }
+            turn.pending.clear();
+            spare.push((turn.lanes, turn.pending));
+        }
         if let Some(f) = fatal {
             frame::encode_response_with(&mut out, f.opcode, f.status, f.request_id, |o| {
                 o.extend_from_slice(f.message.as_bytes())
             });
-        }
-        for lane in &mut lanes {
-            lane.clear();
         }
         if !out.is_empty() {
             if stream.write_all(&out).await.is_err() {
@@ -427,15 +472,73 @@ pub async fn serve_native(shard: Rc<Shard>, mut stream: TcpStream) {
             let _ = stream.close().await;
             return;
         }
-        match input.fill(&mut stream, &shard, needed).await {
+        // Wait for more input, sending write replies as their turns finish.
+        let outcome = loop {
+            if in_flight.len() >= WRITE_TURNS_IN_FLIGHT_MAX {
+                // Bounded: stop reading until the oldest writes are durable.
+                let turn = in_flight.next().await.expect("not empty");
+                if !send_write_turn(&mut stream, &mut out, turn, &mut spare).await {
+                    return;
+                }
+                continue;
+            }
+            if in_flight.is_empty() {
+                break input.fill(&mut stream, &shard, needed).await;
+            }
+            let finished = {
+                // Dropping an unfinished read is safe: glommio keeps the
+                // receive in the stream, and the next read resumes it.
+                let fill = std::pin::pin!(input.fill(&mut stream, &shard, needed));
+                match futures::future::select(fill, in_flight.next()).await {
+                    futures::future::Either::Left((outcome, _)) => break outcome,
+                    futures::future::Either::Right((turn, _)) => turn.expect("not empty"),
+                }
+            };
+            if !send_write_turn(&mut stream, &mut out, finished, &mut spare).await {
+                return;
+            }
+        };
+        match outcome {
             ReadOutcome::Data => {}
             ReadOutcome::TimedOut => {
                 tracing::debug!(shard = shard.index, "connection stalled mid-frame; closed");
                 return;
             }
-            ReadOutcome::Closed | ReadOutcome::Stopped | ReadOutcome::Failed => return,
+            ReadOutcome::Closed | ReadOutcome::Stopped => {
+                // The client is done sending (or the node is stopping):
+                // answer what is still in flight, then end.
+                while let Some(turn) = in_flight.next().await {
+                    if !send_write_turn(&mut stream, &mut out, turn, &mut spare).await {
+                        return;
+                    }
+                }
+                return;
+            }
+            ReadOutcome::Failed => return,
         }
     }
+}
+
+/// Sends a finished write turn's replies; false if the connection is done
+/// (the send failed, or a reply ends the connection).
+async fn send_write_turn(
+    stream: &mut TcpStream,
+    out: &mut Vec<u8>,
+    mut turn: WriteTurn,
+    spare: &mut Vec<([Lane; 2], Vec<Pending>)>,
+) -> bool {
+    let close = encode_write_turn(out, &turn);
+    let sent = stream.write_all(out).await.is_ok();
+    out.clear();
+    for lane in &mut turn.lanes {
+        lane.clear();
+    }
+    turn.pending.clear();
+    spare.push((turn.lanes, turn.pending));
+    if close {
+        let _ = stream.close().await;
+    }
+    sent && !close
 }
 
 fn frame_fatal(e: &FrameError) -> Fatal {
