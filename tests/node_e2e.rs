@@ -498,3 +498,60 @@ fn a_redis_pipeline_behaves_as_if_its_commands_ran_one_after_another() {
         }
     }
 }
+
+/// A read sent on a connection while an earlier write on it waits for its
+/// fdatasync is answered without waiting for that sync. The node's
+/// commit-log syncs are held (fault injection, debug builds) until the test
+/// has the read's reply, so the order is forced, not timed.
+#[test]
+fn a_read_is_not_held_behind_an_earlier_write_waiting_for_its_sync() {
+    use ringkv::protocol::frame::{self, Opcode, Status};
+    use ringkv::protocol::messages::{encode_request, Request};
+    use std::io::{Read, Write};
+
+    let dir = scratch("e2e-inflight-");
+    let hold = dir.path().join("hold-sync");
+    let reached = dir.path().join("hold-sync.reached");
+    let mut node = Node::spawn_with_env(
+        &dir.path().join("data"),
+        "127.0.0.26",
+        &["--shards", "1", "--sync", "group"],
+        &[("RINGKV_FAULT_HOLD_SYNC", hold.to_str().unwrap())],
+    );
+    node.wait_serving(Duration::from_secs(60));
+    block_on(node.client().put(b"present", b"before", None)).unwrap();
+    std::fs::write(&hold, b"").unwrap();
+    let mut stream = std::net::TcpStream::connect(node.client_address()).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let encode = |id: u64, opcode: Opcode, request: &Request<'_>| {
+        let mut body = Vec::new();
+        encode_request(&mut body, request);
+        let mut wire = Vec::new();
+        frame::encode(&mut wire, opcode as u8, 0, 0, id, &body);
+        wire
+    };
+    stream.write_all(&encode(1, Opcode::Overwrite, &Request::Overwrite { key: b"written", value: b"v" })).unwrap();
+    // The write's turn is now waiting for a held commit-log sync.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !reached.exists() {
+        assert!(std::time::Instant::now() < deadline, "the write never reached its fdatasync");
+        std::thread::yield_now();
+    }
+    stream.write_all(&encode(2, Opcode::Get, &Request::Get { key: b"present" })).unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let mut next_reply = |stream: &mut std::net::TcpStream, buf: &mut Vec<u8>| loop {
+        if let Some((h, _, used)) = frame::decode(buf, 1 << 20).unwrap() {
+            buf.drain(..used);
+            return (h.request_id, Status::from_u8(h.status).unwrap());
+        }
+        let n = stream.read(&mut chunk).expect("a reply before the deadline");
+        assert!(n > 0, "the node closed the connection");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    assert_eq!(next_reply(&mut stream, &mut buf), (2, Status::Ok), "the read waited for the write's sync");
+    std::fs::remove_file(&hold).unwrap();
+    assert_eq!(next_reply(&mut stream, &mut buf), (1, Status::Ok));
+    let got = block_on(node.client().get(b"written")).unwrap().unwrap();
+    assert_eq!(got.siblings, vec![b"v".to_vec()]);
+}

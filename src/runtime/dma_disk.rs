@@ -71,6 +71,8 @@ impl DiskFile for DmaFile {
     }
 
     async fn fdatasync(&self) -> io::Result<()> {
+        #[cfg(debug_assertions)]
+        hold_commit_log_sync(&self.0).await;
         self.0.fdatasync().await.map_err(into_io)
     }
 
@@ -154,5 +156,24 @@ impl Disk for DmaDisk {
 
     fn now(&self) -> Duration {
         self.origin.elapsed()
+    }
+}
+
+/// Fault injection for tests (debug builds only): while the file named by
+/// `RINGKV_FAULT_HOLD_SYNC` exists, commit-log fdatasyncs wait, after
+/// creating `<that file>.reached` to say one is being held. Lets a test keep
+/// a write waiting for durability for exactly as long as it needs.
+#[cfg(debug_assertions)]
+async fn hold_commit_log_sync(file: &glommio::io::DmaFile) {
+    let Some(hold) = std::env::var_os("RINGKV_FAULT_HOLD_SYNC").map(std::path::PathBuf::from) else { return };
+    let is_log = file.path().is_some_and(|p| p.components().any(|c| c.as_os_str() == "commitlog"));
+    if !is_log || !hold.exists() {
+        return;
+    }
+    let mut reached = hold.clone().into_os_string();
+    reached.push(".reached");
+    let _ = std::fs::write(&reached, b"");
+    while hold.exists() {
+        glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
     }
 }
