@@ -653,7 +653,9 @@ impl Shard {
                 None => return Now::Later,
                 Some(Err(fail)) => Now::Done(fail.reply(out)),
                 Some(Ok(Attempt::Enqueued(enqueued))) => Now::Write { enqueued, reply },
-                Some(Ok(Attempt::Nothing | Attempt::WouldWait)) => Now::Done(reply.write(None, out)),
+                Some(Ok(Attempt::Nothing)) => Now::Done(reply.write(None, out)),
+                // (`write_now` turns this into `None`; never answer it as done.)
+                Some(Ok(Attempt::WouldWait)) => return Now::Later,
             },
         };
         self.stats.borrow_mut().requests += 1;
