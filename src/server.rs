@@ -5,7 +5,8 @@
 //! complete frame, route each operation to its owning shard (`Dispatch`:
 //! one batch per shard), then write the replies, reads' as soon as they are
 //! done and writes' once durable (two lanes; replies are matched by request
-//! id). Malformed
+//! id). A turn's write lane stays in flight while later turns are read and
+//! served (at most `WRITE_TURNS_IN_FLIGHT_MAX` per connection). Malformed
 //! frames, wrong magic or version, an oversize frame, key or value, or an
 //! unknown opcode get an error reply and the connection is closed; the
 //! shard keeps serving everyone else. A connection that stops mid-frame for

@@ -5,8 +5,15 @@
 //! A write is a read-modify-write of the key's version set (DVVSet): read
 //! the stored set, apply the write with its causal context and a new dot of
 //! this node's actor, store the result. Writes to one key are serialized by
-//! a striped lock held until the write is durable (per the sync mode), so a
-//! second writer always reads the first one's result.
+//! a striped lock, held until the write is in the open commit batch; in
+//! `group` mode the key is then *pending* until durable, and a second writer
+//! builds on it only within the same commit batch (see `write_base`), so a
+//! second writer always builds on the first one's result and never on a
+//! write that could still fail in another batch.
+//!
+//! A batch of operations has the effects of running them in order
+//! (`execute_batch`); in `group` mode it runs in two passes so that its
+//! writes share commit batches without one allocation per operation.
 //!
 //! Routing works in turns: a connection parses everything it has received,
 //! and `Dispatch` groups the operations by owning shard: one batch runs
