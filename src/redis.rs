@@ -301,8 +301,7 @@ pub async fn serve_redis(shard: Rc<Shard>, mut stream: TcpStream) {
     let mut input = ReadBuffer::new();
     let mut out = Vec::with_capacity(64 << 10);
     let mut args = Vec::new();
-    let mut turn =
-        Turn { dispatch: Dispatch::new(shard.shard_count), items: Vec::new(), immediate: Vec::new(), quit: false };
+    let mut turn = Turn { dispatch: Dispatch::default(), items: Vec::new(), immediate: Vec::new(), quit: false };
     loop {
         let mut fatal: Option<RespError> = None;
         loop {

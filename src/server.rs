@@ -311,19 +311,18 @@ fn ends_connection(status: Status) -> bool {
     status.closes_connection() || matches!(status, Status::KeyTooLarge | Status::ValueTooLarge)
 }
 
-/// Encodes the replies of `pending` entries in `lane` (all lanes: None);
-/// true if one of them ends the connection.
-fn encode_replies(out: &mut Vec<u8>, pending: &[Pending], lanes: &[Lane; 2], only: Option<usize>) -> bool {
+/// Encodes the replies of `pending`, whose operations ran in `lane`; true
+/// if one of them ends the connection.
+fn encode_replies(out: &mut Vec<u8>, pending: &[Pending], lane: &Lane) -> bool {
     let mut close = false;
-    for p in pending.iter().filter(|p| only.is_none_or(|l| p.lane() == l)) {
+    for p in pending {
         match *p {
-            Pending::Single { request_id, opcode, lane, op } => {
-                let (status, body) = lanes[lane].dispatch.reply(op);
+            Pending::Single { request_id, opcode, op, .. } => {
+                let (status, body) = lane.dispatch.reply(op);
                 close |= ends_connection(status);
                 frame::encode_response_with(out, opcode, status, request_id, |o| o.extend_from_slice(body));
             }
-            Pending::Batch { request_id, lane, first, count } => {
-                let lane = &lanes[lane];
+            Pending::Batch { request_id, first, count, .. } => {
                 frame::encode_response_with(out, Opcode::Batch as u8, Status::Ok, request_id, |o| {
                     for (op, &opcode) in lane.opcodes.iter().enumerate().skip(first).take(count) {
                         let (status, body) = lane.dispatch.reply(op);
@@ -349,32 +348,39 @@ async fn run_lane(shard: &Shard, mut lane: Lane) -> Lane {
 /// an fdatasync in `group` mode); beyond it the connection stops reading.
 const WRITE_TURNS_IN_FLIGHT_MAX: usize = 8;
 
-/// A turn's write lane still running, with the frames it answers.
+/// A turn's write lane, with the frames it answers.
+#[derive(Default)]
 struct WriteTurn {
-    lanes: [Lane; 2],
+    lane: Lane,
     pending: Vec<Pending>,
 }
 
-type WriteTurnFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = WriteTurn> + 'a>>;
-
-/// Encodes a finished write turn's replies; true if one ends the connection.
-fn encode_write_turn(out: &mut Vec<u8>, turn: &WriteTurn) -> bool {
-    encode_replies(out, &turn.pending, &turn.lanes, Some(WRITE_LANE))
+impl WriteTurn {
+    /// Encodes the replies once the lane has run; true if one ends the
+    /// connection. Then keeps the buffers for a later turn.
+    fn encode_and_recycle(mut self, out: &mut Vec<u8>, spare: &mut Vec<WriteTurn>) -> bool {
+        let close = encode_replies(out, &self.pending, &self.lane);
+        self.lane.clear();
+        self.pending.clear();
+        spare.push(self);
+        close
+    }
 }
+
+type WriteTurnFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = WriteTurn> + 'a>>;
 
 pub async fn serve_native(shard: Rc<Shard>, mut stream: TcpStream) {
     use futures::stream::{FuturesUnordered, StreamExt};
     let limit = shard.config.request_body_bytes_max();
     let mut input = ReadBuffer::new();
     let mut out = Vec::with_capacity(64 << 10);
-    let new_lane = || Lane { dispatch: Dispatch::new(shard.shard_count), opcodes: Vec::new() };
-    let mut lanes = [new_lane(), new_lane()];
+    let mut lanes: [Lane; 2] = Default::default();
     let mut pending = Vec::new();
     // Write lanes of earlier turns still waiting to be durable: reads that
     // arrive meanwhile are served without waiting for those fdatasyncs.
     let mut in_flight: FuturesUnordered<WriteTurnFuture<'_>> = FuturesUnordered::new();
-    // Lanes and lists of finished write turns, reused.
-    let mut spare: Vec<([Lane; 2], Vec<Pending>)> = Vec::new();
+    // Buffers of finished write turns, reused.
+    let mut spare: Vec<WriteTurn> = Vec::new();
     loop {
         // Parse every complete frame already received.
         let mut fatal = None;
@@ -407,15 +413,14 @@ pub async fn serve_native(shard: Rc<Shard>, mut stream: TcpStream) {
         // lanes are refilled from the spares (a default lane allocates
         // nothing until used).
         if !lanes[WRITE_LANE].dispatch.is_empty() {
-            let (mut next_lanes, mut next_pending) = spare.pop().unwrap_or_default();
-            std::mem::swap(&mut lanes[WRITE_LANE], &mut next_lanes[WRITE_LANE]);
-            next_pending.extend(pending.iter().filter(|p| p.lane() == WRITE_LANE).copied());
+            let mut turn = spare.pop().unwrap_or_default();
+            std::mem::swap(&mut lanes[WRITE_LANE], &mut turn.lane);
+            turn.pending.extend(pending.iter().filter(|p| p.lane() == WRITE_LANE).copied());
             pending.retain(|p| p.lane() != WRITE_LANE);
             let shard = &*shard;
             in_flight.push(Box::pin(async move {
-                let writes = std::mem::take(&mut next_lanes[WRITE_LANE]);
-                next_lanes[WRITE_LANE] = run_lane(shard, writes).await;
-                WriteTurn { lanes: next_lanes, pending: next_pending }
+                turn.lane = run_lane(shard, turn.lane).await;
+                turn
             }));
         }
         let mut finished = Vec::new();
@@ -439,7 +444,7 @@ pub async fn serve_native(shard: Rc<Shard>, mut stream: TcpStream) {
         while let Some(Some(turn)) = in_flight.next().now_or_never() {
             finished.push(turn);
         }
-        close |= encode_replies(&mut out, &pending, &lanes, Some(READ_LANE));
+        close |= encode_replies(&mut out, &pending, &lanes[READ_LANE]);
         pending.clear();
         for lane in &mut lanes {
             lane.clear();
@@ -450,13 +455,8 @@ pub async fn serve_native(shard: Rc<Shard>, mut stream: TcpStream) {
                 finished.push(turn);
             }
         }
-        for mut turn in finished {
-            close |= encode_write_turn(&mut out, &turn);
-            for lane in &mut turn.lanes {
-                lane.clear();
-            }
-            turn.pending.clear();
-            spare.push((turn.lanes, turn.pending));
+        for turn in finished {
+            close |= turn.encode_and_recycle(&mut out, &mut spare);
         }
         if let Some(f) = fatal {
             frame::encode_response_with(&mut out, f.opcode, f.status, f.request_id, |o| {
@@ -525,17 +525,12 @@ pub async fn serve_native(shard: Rc<Shard>, mut stream: TcpStream) {
 async fn send_write_turn(
     stream: &mut TcpStream,
     out: &mut Vec<u8>,
-    mut turn: WriteTurn,
-    spare: &mut Vec<([Lane; 2], Vec<Pending>)>,
+    turn: WriteTurn,
+    spare: &mut Vec<WriteTurn>,
 ) -> bool {
-    let close = encode_write_turn(out, &turn);
+    let close = turn.encode_and_recycle(out, spare);
     let sent = stream.write_all(out).await.is_ok();
     out.clear();
-    for lane in &mut turn.lanes {
-        lane.clear();
-    }
-    turn.pending.clear();
-    spare.push((turn.lanes, turn.pending));
     if close {
         let _ = stream.close().await;
     }

@@ -32,6 +32,7 @@ use crate::logic::ring::{partition_of, shard_of};
 use crate::protocol::frame::{Opcode, Status};
 use crate::protocol::messages::{batch, decode_request, NodeStatus, Request};
 use crate::runtime::DmaDisk;
+use crate::storage::cache::key_hash;
 use crate::storage::sync::Notify;
 use crate::storage::{Queued, ShardStore, StorageError, TryPut, Value};
 
@@ -125,7 +126,6 @@ enum WriteKind {
 }
 
 /// A write in a commit batch that is not durable yet (group mode).
-#[derive(Clone)]
 struct Pending {
     bytes: Value,
     batch: u64,
@@ -136,6 +136,16 @@ struct Pending {
 struct PendingDone {
     finished: Cell<bool>,
     notify: Notify,
+}
+
+/// A pending write as the base of another write to the same key.
+enum PendingBase {
+    /// In the open commit batch: build on it.
+    Open(Value),
+    /// In a batch being written: wait until it is settled.
+    Wait(Rc<PendingDone>),
+    /// None pending (or settled): the store has the base.
+    None,
 }
 
 /// A failed operation: its status and a message for the reply body.
@@ -211,6 +221,8 @@ impl<'a> Op<'a> {
 /// A write in the open commit batch; what is left is to wait until durable.
 struct Enqueued<'a> {
     queued: Queued<'a, DmaDisk>,
+    /// The key's `key_hash`.
+    hash: u64,
     /// Its batch's completion in `Shard::pending` (group mode).
     done: Option<Rc<PendingDone>>,
     /// The new causal context, if the reply needs it.
@@ -337,8 +349,9 @@ impl Shard {
         Ok(())
     }
 
-    fn lock_of(&self, key: &[u8]) -> &futures::lock::Mutex<()> {
-        &self.locks[(xxhash_rust::xxh3::xxh3_64(key) as usize) % LOCK_STRIPES]
+    /// The stripe lock of the key whose `key_hash` is `hash`.
+    fn lock_of(&self, hash: u64) -> &futures::lock::Mutex<()> {
+        &self.locks[(hash as usize) % LOCK_STRIPES]
     }
 
     /// The version set a write to `key` builds on.
@@ -352,37 +365,37 @@ impl Shard {
     /// succeed or fail together); otherwise it waits for that write to be
     /// durable and reads the stored state. No write ever builds on one that
     /// could still fail in another batch.
-    async fn write_base(&self, partition: u32, key: &[u8]) -> Result<Option<Value>, Fail> {
+    async fn write_base(&self, partition: u32, key: &[u8], hash: u64) -> Result<Option<Value>, Fail> {
         loop {
-            let pending = self.pending_of(key);
-            match pending {
-                Some(p) if p.batch == self.store.open_batch() => return Ok(Some(p.bytes)),
-                Some(p) if !p.done.finished.get() => {
-                    let done = p.done.notify.listen();
-                    if !p.done.finished.get() {
-                        done.await;
+            match self.pending_base(key, hash) {
+                PendingBase::Open(bytes) => return Ok(Some(bytes)),
+                PendingBase::Wait(done) => {
+                    let listen = done.notify.listen();
+                    if !done.finished.get() {
+                        listen.await;
                     }
                 }
-                _ => return self.read_raw(partition, key).await,
+                PendingBase::None => return self.read_raw(partition, key).await,
             }
         }
     }
 
-    fn pending_of(&self, key: &[u8]) -> Option<Pending> {
-        let pending = self.pending.borrow();
-        if pending.is_empty() {
-            return None;
+    /// `write_base` if it needs no waiting and no I/O.
+    fn write_base_now(&self, partition: u32, key: &[u8], hash: u64) -> Option<Option<Value>> {
+        match self.pending_base(key, hash) {
+            PendingBase::Open(bytes) => Some(Some(bytes)),
+            PendingBase::Wait(_) => None,
+            PendingBase::None => self.store.get_now(partition, key),
         }
-        pending.find(xxhash_rust::xxh3::xxh3_64(key), |p| p.bytes.key() == key).cloned()
     }
 
-    /// `write_base` if it needs no waiting and no I/O.
-    fn write_base_now(&self, partition: u32, key: &[u8]) -> Option<Option<Value>> {
-        let pending = self.pending_of(key);
-        match pending {
-            Some(p) if p.batch == self.store.open_batch() => Some(Some(p.bytes)),
-            Some(p) if !p.done.finished.get() => None,
-            _ => self.store.get_now(partition, key),
+    /// What a pending write of `key` means for a write that builds on it.
+    fn pending_base(&self, key: &[u8], hash: u64) -> PendingBase {
+        let pending = self.pending.borrow();
+        match pending.find(hash, |p| p.bytes.key() == key) {
+            Some(p) if p.batch == self.store.open_batch() => PendingBase::Open(p.bytes.clone()),
+            Some(p) if !p.done.finished.get() => PendingBase::Wait(p.done.clone()),
+            _ => PendingBase::None,
         }
     }
 
@@ -392,6 +405,7 @@ impl Shard {
         &self,
         partition: u32,
         key: &[u8],
+        hash: u64,
         kind: &WriteKind,
         base: Option<&[u8]>,
         reply: WriteReply,
@@ -433,7 +447,7 @@ impl Shard {
         let attempt = match attempt {
             Ok(TryPut::Queued(queued)) => {
                 let group = self.config.storage.sync_mode == crate::config::SyncMode::Group;
-                let done = group.then(|| self.note_pending(key, &bytes, queued.batch_seq));
+                let done = group.then(|| self.note_pending(key, hash, &bytes, queued.batch_seq));
                 // Built now so that the version set is freed at once: a
                 // commit batch keeps hundreds of writes waiting, and
                 // glibc's per-thread cache holds only a few freed blocks
@@ -442,7 +456,7 @@ impl Shard {
                     WriteReply::Context => next.join().encode(),
                     WriteReply::Empty | WriteReply::Deleted => Vec::new(),
                 };
-                Ok(Attempt::Enqueued(Enqueued { queued, done, context }))
+                Ok(Attempt::Enqueued(Enqueued { queued, hash, done, context }))
             }
             Ok(TryPut::WouldWait) => Ok(Attempt::WouldWait),
             Err(e) => Err(Fail::new(status_of(&e), e.to_string())),
@@ -453,7 +467,7 @@ impl Shard {
 
     /// Notes a write to `key` in commit batch `batch` as pending (group
     /// mode); gives the batch's completion.
-    fn note_pending(&self, key: &[u8], bytes: &[u8], batch: u64) -> Rc<PendingDone> {
+    fn note_pending(&self, key: &[u8], hash: u64, bytes: &[u8], batch: u64) -> Rc<PendingDone> {
         let done = {
             let mut open = self.open_batch_done.borrow_mut();
             match &*open {
@@ -466,12 +480,11 @@ impl Shard {
             }
         };
         let entry = Pending { bytes: Value::new(key, bytes), batch, done: done.clone() };
-        let hash = xxhash_rust::xxh3::xxh3_64(key);
         let mut pending = self.pending.borrow_mut();
         match pending.find_mut(hash, |p| p.bytes.key() == key) {
             Some(slot) => *slot = entry,
             None => {
-                pending.insert_unique(hash, entry, |p| xxhash_rust::xxh3::xxh3_64(p.bytes.key()));
+                pending.insert_unique(hash, entry, |p| key_hash(p.bytes.key()));
             }
         }
         done
@@ -480,7 +493,7 @@ impl Shard {
     /// Waits until an enqueued write is durable; gives the new causal
     /// context if its reply needs one.
     async fn finish(&self, key: &[u8], enqueued: Enqueued<'_>) -> Result<Vec<u8>, Fail> {
-        let Enqueued { queued, done, context } = enqueued;
+        let Enqueued { queued, hash, done, context } = enqueued;
         let batch = queued.batch_seq;
         let result = queued.durable().await;
         if let Some(done) = done {
@@ -489,7 +502,7 @@ impl Shard {
             done.finished.set(true);
             done.notify.notify();
             let mut pending = self.pending.borrow_mut();
-            if let Ok(entry) = pending.find_entry(xxhash_rust::xxh3::xxh3_64(key), |p| p.bytes.key() == key) {
+            if let Ok(entry) = pending.find_entry(hash, |p| p.bytes.key() == key) {
                 if entry.get().batch == batch {
                     entry.remove();
                 }
@@ -505,10 +518,11 @@ impl Shard {
     async fn write(&self, key: &[u8], kind: WriteKind, reply: WriteReply) -> Result<Option<Vec<u8>>, Fail> {
         self.check_write(key, &kind)?;
         let partition = self.partition(key);
-        let guard = self.lock_of(key).lock().await;
+        let hash = key_hash(key);
+        let guard = self.lock_of(hash).lock().await;
         loop {
-            let base = self.write_base(partition, key).await?;
-            match self.try_enqueue(partition, key, &kind, base.as_deref(), reply)? {
+            let base = self.write_base(partition, key, hash).await?;
+            match self.try_enqueue(partition, key, hash, &kind, base.as_deref(), reply)? {
                 Attempt::Nothing => return Ok(None),
                 // The batch or the buffers are full: wait, then start over
                 // (the base may have become durable meanwhile).
@@ -529,9 +543,10 @@ impl Shard {
             return Some(Err(fail));
         }
         let partition = self.partition(key);
-        let _guard = self.lock_of(key).try_lock()?;
-        let base = self.write_base_now(partition, key)?;
-        match self.try_enqueue(partition, key, kind, base.as_deref(), reply) {
+        let hash = key_hash(key);
+        let _guard = self.lock_of(hash).try_lock()?;
+        let base = self.write_base_now(partition, key, hash)?;
+        match self.try_enqueue(partition, key, hash, kind, base.as_deref(), reply) {
             Ok(Attempt::WouldWait) => None,
             other => Some(other),
         }
@@ -621,14 +636,8 @@ impl Shard {
         #[cfg(debug_assertions)]
         self.inject_fault(opcode, body);
         match self.prepare(opcode, body)? {
-            Op::Ping(b) => {
-                out.extend_from_slice(b);
-                Ok(Status::Ok)
-            }
-            Op::Status => {
-                self.node_status().encode(out);
-                Ok(Status::Ok)
-            }
+            Op::Ping(b) => Ok(self.answer_ping(b, out)),
+            Op::Status => Ok(self.answer_status(out)),
             Op::Read { key, kind } => {
                 let bytes = self.read_raw(self.partition(key), key).await?;
                 self.read_reply(kind, bytes, out)
@@ -644,14 +653,8 @@ impl Shard {
     /// operation's own durability.
     fn execute_now<'a>(&'a self, op: Op<'_>, out: &mut Vec<u8>) -> Now<'a> {
         let now = match op {
-            Op::Ping(b) => {
-                out.extend_from_slice(b);
-                Now::Done(Status::Ok)
-            }
-            Op::Status => {
-                self.node_status().encode(out);
-                Now::Done(Status::Ok)
-            }
+            Op::Ping(b) => Now::Done(self.answer_ping(b, out)),
+            Op::Status => Now::Done(self.answer_status(out)),
             Op::Read { key, kind } => match self.store.get_now(self.partition(key), key) {
                 Some(bytes) => Now::Done(self.read_reply(kind, bytes, out).unwrap_or_else(|fail| fail.reply(out))),
                 None => return Now::Later,
@@ -667,6 +670,16 @@ impl Shard {
         };
         self.stats.borrow_mut().requests += 1;
         now
+    }
+
+    fn answer_ping(&self, payload: &[u8], out: &mut Vec<u8>) -> Status {
+        out.extend_from_slice(payload);
+        Status::Ok
+    }
+
+    fn answer_status(&self, out: &mut Vec<u8>) -> Status {
+        self.node_status().encode(out);
+        Status::Ok
     }
 
     #[cfg(debug_assertions)]
@@ -724,12 +737,9 @@ impl Shard {
             // operation (only a read missing every cache waits).
             let mut out = Vec::with_capacity(body.len() + 64);
             for (opcode, op_body) in batch::requests(body).map_while(Result::ok) {
-                batch::push_response_with(&mut out, opcode, 0, |_| {});
-                let at = out.len() - 6;
+                let at = batch::begin_response(&mut out, opcode);
                 let status = self.execute(opcode, op_body, &mut out).await;
-                let len = (out.len() - at - 6) as u32;
-                out[at + 1] = status as u8;
-                out[at + 2..at + 6].copy_from_slice(&len.to_le_bytes());
+                batch::end_response(&mut out, at, status as u8);
             }
             return out;
         }
@@ -759,9 +769,14 @@ impl Shard {
         for (i, (opcode, op_body)) in batch::requests(body).map_while(Result::ok).enumerate() {
             #[cfg(debug_assertions)]
             self.inject_fault(opcode, op_body);
+            answers.borrow_mut()[i].0 = opcode;
             let mut out = replies.borrow_mut();
             let start = out.len();
-            let answer = |status: Status, out: &Vec<u8>| answers.borrow_mut()[i] = (opcode, status, start..out.len());
+            let answer = |status: Status, out: &Vec<u8>| {
+                let mut answers = answers.borrow_mut();
+                answers[i].1 = status;
+                answers[i].2 = start..out.len();
+            };
             let op = match self.prepare(opcode, op_body) {
                 Ok(op) => op,
                 Err(fail) => {
@@ -791,53 +806,32 @@ impl Shard {
                 (Some(Plan::Write { .. }), Some(k)) => touched.entry(k).or_default().written = true,
                 _ => {}
             }
-            answers.borrow_mut()[i].0 = opcode;
             plans.push(plan);
         }
         // Second pass. Keys with a deferred operation form chains (their
         // writes and deferred operations, in order); the other writes only
-        // wait to be durable.
-        let chained = |plan: &Plan<'_, '_>| plan.key().is_some_and(|k| touched.get(k).is_some_and(|t| t.deferred));
+        // wait to be durable, in order.
+        let mut writes = Vec::new();
         let mut chains: Vec<Vec<usize>> = Vec::new();
-        if touched.values().any(|t| t.deferred) {
-            let mut chain_of: std::collections::HashMap<&[u8], usize> = std::collections::HashMap::new();
-            for (i, plan) in plans.iter().enumerate() {
-                if let Some(key) = plan.as_ref().filter(|p| chained(p)).and_then(Plan::key) {
+        let mut chain_of: std::collections::HashMap<&[u8], usize> = std::collections::HashMap::new();
+        for (i, plan) in plans.iter().enumerate() {
+            let Some(plan) = plan else { continue };
+            match plan.key().filter(|k| touched.get(k).is_some_and(|t| t.deferred)) {
+                Some(key) => {
                     let chain = *chain_of.entry(key).or_insert_with(|| {
                         chains.push(Vec::new());
                         chains.len() - 1
                     });
                     chains[chain].push(i);
                 }
+                None => writes.push(i),
             }
         }
         let plans = RefCell::new(plans);
-        let run = |indices: Option<Vec<usize>>| {
+        let run = |indices: Vec<usize>| {
             let (plans, replies, answers) = (&plans, &replies, &answers);
             async move {
-                let next_index = |cursor: &mut usize| -> Option<usize> {
-                    match &indices {
-                        Some(list) => {
-                            let i = list.get(*cursor).copied();
-                            *cursor += 1;
-                            i
-                        }
-                        // The writes outside chains, in order.
-                        None => {
-                            let plans = plans.borrow();
-                            while *cursor < plans.len() {
-                                let i = *cursor;
-                                *cursor += 1;
-                                if plans[i].as_ref().is_some_and(|p| !chained(p)) {
-                                    return Some(i);
-                                }
-                            }
-                            None
-                        }
-                    }
-                };
-                let mut cursor = 0;
-                while let Some(i) = next_index(&mut cursor) {
+                for i in indices {
                     let plan = plans.borrow_mut()[i].take().expect("each plan runs once");
                     let (status, bytes) = match plan {
                         Plan::Write { enqueued, reply, key } => {
@@ -866,9 +860,9 @@ impl Shard {
             }
         };
         if chains.is_empty() {
-            run(None).await;
+            run(writes).await;
         } else {
-            futures::future::join(run(None), futures::future::join_all(chains.into_iter().map(|c| run(Some(c))))).await;
+            futures::future::join(run(writes), futures::future::join_all(chains.into_iter().map(run))).await;
         }
         let replies = replies.into_inner();
         let answers = answers.into_inner();
@@ -931,15 +925,6 @@ pub struct Dispatch {
 }
 
 impl Dispatch {
-    pub fn new(shard_count: u32) -> Self {
-        Self {
-            batches: vec![Vec::new(); shard_count as usize],
-            targets: Vec::new(),
-            replies: Vec::new(),
-            responses: vec![Vec::new(); shard_count as usize],
-        }
-    }
-
     pub fn len(&self) -> usize {
         self.targets.len()
     }

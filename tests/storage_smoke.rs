@@ -127,7 +127,7 @@ fn a_read_racing_a_write_never_leaves_the_old_value_cached() {
         let reads_before = disk.stats().reads;
         let read = async { store.get(1, b"k").await.unwrap().map(|v| v.to_vec()) };
         let write = async {
-            yield_now().await;
+            ringkv::storage::sync::yield_now().await;
             store.put(1, b"k", b"new").await.unwrap();
         };
         let (seen, ()) = futures::join!(read, write);
@@ -138,17 +138,4 @@ fn a_read_racing_a_write_never_leaves_the_old_value_cached() {
         assert_eq!(now.as_deref(), Some(&b"new"[..]), "a stale value was cached over the write");
         store.close().await.unwrap();
     });
-}
-
-async fn yield_now() {
-    let mut yielded = false;
-    std::future::poll_fn(|cx| {
-        if yielded {
-            return std::task::Poll::Ready(());
-        }
-        yielded = true;
-        cx.waker().wake_by_ref();
-        std::task::Poll::Pending
-    })
-    .await
 }

@@ -175,13 +175,24 @@ pub mod batch {
 
     /// Appends a sub-response whose body is written by `f`.
     pub fn push_response_with(out: &mut Vec<u8>, opcode: u8, status: u8, f: impl FnOnce(&mut Vec<u8>)) {
-        out.push(opcode);
-        out.push(status);
-        let len_at = out.len();
-        out.extend_from_slice(&[0; 4]);
+        let at = begin_response(out, opcode);
         f(out);
-        let len = u32::try_from(out.len() - len_at - 4).expect("bounded");
-        out[len_at..len_at + 4].copy_from_slice(&len.to_le_bytes());
+        end_response(out, at, status);
+    }
+
+    /// Starts a sub-response whose body the caller appends next (for a body
+    /// produced by an await); returns where it starts, for `end_response`.
+    pub fn begin_response(out: &mut Vec<u8>, opcode: u8) -> usize {
+        let at = out.len();
+        out.extend_from_slice(&[opcode, 0, 0, 0, 0, 0]);
+        at
+    }
+
+    /// Completes the sub-response begun at `at` with its status and length.
+    pub fn end_response(out: &mut [u8], at: usize, status: u8) {
+        let len = u32::try_from(out.len() - at - 6).expect("bounded");
+        out[at + 1] = status;
+        out[at + 2..at + 6].copy_from_slice(&len.to_le_bytes());
     }
 
     /// Iterates (opcode, status, body) of a batch response.

@@ -165,7 +165,9 @@ impl Disk for DmaDisk {
 /// a write waiting for durability for exactly as long as it needs.
 #[cfg(debug_assertions)]
 async fn hold_commit_log_sync(file: &glommio::io::DmaFile) {
-    let Some(hold) = std::env::var_os("RINGKV_FAULT_HOLD_SYNC").map(std::path::PathBuf::from) else { return };
+    static HOLD: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+    // Read once: fdatasync is on the write path.
+    let Some(hold) = HOLD.get_or_init(|| std::env::var_os("RINGKV_FAULT_HOLD_SYNC").map(Into::into)) else { return };
     let is_log = file.path().is_some_and(|p| p.components().any(|c| c.as_os_str() == "commitlog"));
     if !is_log || !hold.exists() {
         return;

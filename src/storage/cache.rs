@@ -127,10 +127,6 @@ impl ValueCache {
         self.entries.remove(&(partition, hash));
     }
 
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }

@@ -135,20 +135,6 @@ impl SimState {
     }
 }
 
-/// Lets every other ready task run once.
-async fn yield_now() {
-    let mut yielded = false;
-    std::future::poll_fn(|cx| {
-        if yielded {
-            return Poll::Ready(());
-        }
-        yielded = true;
-        cx.waker().wake_by_ref();
-        Poll::Pending
-    })
-    .await
-}
-
 /// A simulated disk; clones share state.
 #[derive(Clone, Default)]
 pub struct SimDisk {
@@ -373,7 +359,7 @@ impl DiskFile for SimFile {
             (data[start..end].to_vec(), s.read_yields)
         };
         for _ in 0..yields {
-            yield_now().await;
+            super::sync::yield_now().await;
         }
         Ok(bytes)
     }

@@ -202,6 +202,14 @@ impl<D: Disk> State<D> {
     }
 }
 
+/// Where a key's current value is, as far as memory knows.
+enum Lookup {
+    Cached(Value),
+    Absent,
+    /// In a write buffer or on the disk.
+    At(Location),
+}
+
 pub(crate) struct Inner<D: Disk> {
     pub disk: D,
     pub config: StorageConfig,
@@ -419,21 +427,30 @@ impl<D: Disk> Inner<D> {
         }
     }
 
+    /// Where a key's value is, without I/O: the cache first (it holds only
+    /// values the index points at, so a hit needs no index lookup), then
+    /// the index. Counts cache hits.
+    fn lookup(&self, partition: u32, key: &[u8], hash: u64) -> Lookup {
+        if let Some(value) = self.cache.borrow().get(partition, hash, key) {
+            self.state.borrow_mut().stats.cache_hits += 1;
+            return Lookup::Cached(value);
+        }
+        match self.state.borrow().partitions.get(&partition).and_then(|p| p.index.get(key)) {
+            Some(location) => Lookup::At(location),
+            None => Lookup::Absent,
+        }
+    }
+
     fn get_now(&self, partition: u32, key: &[u8]) -> Option<Option<Value>> {
         if self.check_partition(partition).is_err() || self.check_key(key).is_err() {
             return None;
         }
-        let cached = self.cache.borrow().get(partition, key_hash(key), key);
-        let mut st = self.state.borrow_mut();
-        let answer = match cached {
-            Some(value) => {
-                st.stats.cache_hits += 1;
-                Some(value)
-            }
-            None if st.partitions.get(&partition).and_then(|p| p.index.get(key)).is_none() => None,
-            None => return None,
+        let answer = match self.lookup(partition, key, key_hash(key)) {
+            Lookup::Cached(value) => Some(value),
+            Lookup::Absent => None,
+            Lookup::At(_) => return None,
         };
-        st.stats.gets += 1;
+        self.state.borrow_mut().stats.gets += 1;
         Some(answer)
     }
 
@@ -441,25 +458,15 @@ impl<D: Disk> Inner<D> {
         self.check_partition(partition)?;
         self.check_key(key)?;
         let hash = key_hash(key);
-        // The cache first: it holds only values the index points at, so a
-        // hit needs no index lookup.
-        if let Some(value) = self.cache.borrow().get(partition, hash, key) {
-            let mut st = self.state.borrow_mut();
-            st.stats.gets += 1;
-            st.stats.cache_hits += 1;
-            return Ok(Some(value));
-        }
         self.state.borrow_mut().stats.gets += 1;
         // A record can move (compaction) between the index lookup and the
         // read; then the lookup is repeated. Each move needs a whole
         // compaction, so a handful of attempts always suffices in practice.
         for _ in 0..8 {
-            let location = {
-                let st = self.state.borrow();
-                match st.partitions.get(&partition).and_then(|p| p.index.get(key)) {
-                    Some(location) => location,
-                    None => return Ok(None),
-                }
+            let location = match self.lookup(partition, key, hash) {
+                Lookup::Cached(value) => return Ok(Some(value)),
+                Lookup::Absent => return Ok(None),
+                Lookup::At(location) => location,
             };
             if let Some(value) = self.read_value(partition, key, hash, location).await? {
                 return Ok(Some(value));
