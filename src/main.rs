@@ -9,6 +9,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use ringkv::client::{from_hex, to_hex, Client, ClientOptions};
 use ringkv::config::{Config, SyncMode};
 
+#[global_allocator]
+static ALLOCATOR: ringkv::runtime::Allocator = ringkv::runtime::Allocator {};
+
 #[derive(Parser)]
 #[command(name = "ringkv", version, about = "A Dynamo-style, highly available key-value store", long_about = None)]
 struct Cli {
