@@ -360,7 +360,7 @@ impl<D: Disk> PartitionState<D> {
                 &active.tail.as_ref().expect("just written").as_bytes()[value_start..value_start + value_len as usize];
             inner.cache.borrow_mut().insert(self.id, hash, key, bytes);
         } else {
-            inner.cache.borrow_mut().invalidate(self.id, hash);
+            inner.cache.borrow_mut().invalidate(self.id, hash, key);
         }
         let needs_flush = active.has_unwritten() || !self.sealing.is_empty();
         buffered += len;
