@@ -407,6 +407,23 @@ mod tests {
         u64::from(key % 7) * 13 + 60
     }
 
+    type Model = HashMap<(u32, u8), Vec<u8>>;
+
+    /// Applies `op` to both the cache and the model of what it may hold.
+    fn apply(cache: &mut ValueCache, model: &mut Model, op: Op) {
+        match op {
+            Op::Insert { partition, key, value_len } => {
+                let value = vec![key ^ value_len; usize::from(value_len)];
+                cache.place(partition, colliding_hash(key), Value::new(&[key], &value));
+                model.insert((partition, key), value);
+            }
+            Op::Invalidate { partition, key } => {
+                cache.invalidate(partition, colliding_hash(key), &[key]);
+                model.remove(&(partition, key));
+            }
+        }
+    }
+
     proptest! {
         /// Without eviction (budget and table both large enough), the cache
         /// is exactly a map: deletions that shift probe runs lose nothing.
@@ -415,19 +432,9 @@ mod tests {
             // 120 keys at most; sized for 128 items: 256 slots, a 248 KiB
             // budget.
             let mut cache = ValueCache::new(256 << 10, 2 << 10);
-            let mut model: HashMap<(u32, u8), Vec<u8>> = HashMap::new();
+            let mut model = Model::new();
             for op in ops {
-                match op {
-                    Op::Insert { partition, key, value_len } => {
-                        let value = vec![key ^ value_len; usize::from(value_len)];
-                        cache.place(partition, colliding_hash(key), Value::new(&[key], &value));
-                        model.insert((partition, key), value);
-                    }
-                    Op::Invalidate { partition, key } => {
-                        cache.invalidate(partition, colliding_hash(key), &[key]);
-                        model.remove(&(partition, key));
-                    }
-                }
+                apply(&mut cache, &mut model, op);
                 for partition in 0..3 {
                     for key in 0..40u8 {
                         let got = cache.get(partition, colliding_hash(key), &[key]);
@@ -443,19 +450,9 @@ mod tests {
         #[test]
         fn under_eviction_a_hit_is_always_the_latest_value(ops in proptest::collection::vec(op(), 1..400)) {
             let mut cache = ValueCache::new(4 << 10, 200);
-            let mut model: HashMap<(u32, u8), Vec<u8>> = HashMap::new();
+            let mut model = Model::new();
             for op in ops {
-                match op {
-                    Op::Insert { partition, key, value_len } => {
-                        let value = vec![key ^ value_len; usize::from(value_len)];
-                        cache.place(partition, colliding_hash(key), Value::new(&[key], &value));
-                        model.insert((partition, key), value);
-                    }
-                    Op::Invalidate { partition, key } => {
-                        cache.invalidate(partition, colliding_hash(key), &[key]);
-                        model.remove(&(partition, key));
-                    }
-                }
+                apply(&mut cache, &mut model, op);
                 prop_assert!(cache.weight() <= cache.weight_max);
                 prop_assert!(cache.len() <= cache.len_max);
                 let mut held = 0;
