@@ -218,7 +218,13 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve { .. }) {
+        // The server keeps SIGPIPE ignored: its sockets report EPIPE as an
+        // error to handle.
+        ringkv::runtime::end_on_closed_stdout();
+    }
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("ringkv: error: {message}");

@@ -109,6 +109,20 @@ fn the_cli_puts_gets_and_deletes() {
     assert!(ok, "{err}");
     assert!(status.contains("shards: 2") && status.contains("shard 1:"), "{status}");
     let _ = out;
+    // Output into a closed pipe (`ringkv admin status | head -1`) ends the
+    // command quietly, as SIGPIPE ends other tools, not in a panic.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let piped = std::process::Command::new(support::BIN)
+        .args(["admin", "status", "--node", &addr])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&piped.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(piped.status.signal(), Some(libc::SIGPIPE), "{:?} {stderr}", piped.status);
     // Errors are clear and non-zero.
     let (ok, _, err) = cli(&["put", "k", "v", "--context", "zz", "--node", &addr]);
     assert!(!ok && err.contains("hex"), "{err}");

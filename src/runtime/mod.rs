@@ -75,6 +75,18 @@ pub fn tune_allocator() {
     }
 }
 
+/// Makes a command-line tool end on a closed stdout (`ringkv get k | head
+/// -1`) the way other tools do, by SIGPIPE. Rust ignores SIGPIPE, so
+/// `println!` would panic instead. Not for servers: with SIGPIPE ignored,
+/// a socket whose peer left reports EPIPE, an error to handle. Call before
+/// starting threads.
+pub fn end_on_closed_stdout() {
+    // SAFETY: restores a signal's default disposition; no handler runs.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 /// A listening socket for glommio with SO_REUSEADDR as well as
 /// SO_REUSEPORT. glommio's own `bind` sets only the latter; connections it
 /// accepts inherit that, and after a restart their lingering FIN_WAIT2

@@ -692,6 +692,7 @@ fn percentiles(h: &Histogram<u64>) -> [f64; 6] {
 
 fn main() {
     let o = Options::parse();
+    ringkv::runtime::end_on_closed_stdout();
     let node = node_status(&o);
     let mix = Mix::of(&o);
     let shard_aware = node.is_some() && !o.no_shard_aware;
