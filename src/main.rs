@@ -34,52 +34,66 @@ enum Command {
         /// TOML configuration (see tuning/default.toml); flags override it.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// Data directory [default: ./ringkv-data]; locked while a node uses it.
         #[arg(long)]
         data_dir: Option<PathBuf>,
-        /// Executors, one per core (0 = every CPU).
+        /// Executors, one per core [default: 0 = one per CPU].
         #[arg(long)]
         shards: Option<u32>,
+        /// Address to listen on [default: 127.0.0.1, loopback only].
         #[arg(long)]
         listen: Option<std::net::IpAddr>,
+        /// Native-protocol port [default: 7700]; shard i also listens on
+        /// this port + 1 + i, for shard-aware clients.
         #[arg(long)]
         client_port: Option<u16>,
-        /// Redis-protocol port (0 = off).
+        /// Redis-protocol port [default: 6380; 0 = off].
         #[arg(long)]
         redis_port: Option<u16>,
-        /// Ring size Q (power of two), fixed when the data directory is created.
+        /// Ring size Q (power of two) [default: 256], fixed when the data
+        /// directory is created.
         #[arg(long)]
         partitions: Option<u32>,
         /// When writes are acknowledged: after fdatasync of their batch
         /// (group), at once with a periodic fdatasync (interval), or at once
-        /// with no commit log (none).
+        /// with no commit log (none) [default: group].
         #[arg(long, value_enum)]
         sync: Option<Sync>,
-        /// Per-shard value cache, in MiB.
+        /// Per-shard value cache, in MiB [default: 64].
         #[arg(long)]
         cache_mib: Option<usize>,
     },
     /// Read a key: every live sibling and the causal context.
     Get {
+        /// The key (UTF-8 as given).
         key: String,
+        /// The node's native-protocol address.
         #[arg(long, default_value = "127.0.0.1:7700")]
         node: SocketAddr,
     },
     /// Write a key. With --context (from `get`) the write supersedes what was
     /// read; without, it adds a sibling next to whatever is there.
     Put {
+        /// The key (UTF-8 as given).
         key: String,
+        /// The value (UTF-8 as given).
         value: String,
+        /// Causal context printed by `get` (hex).
         #[arg(long)]
         context: Option<String>,
+        /// The node's native-protocol address.
         #[arg(long, default_value = "127.0.0.1:7700")]
         node: SocketAddr,
     },
     /// Delete what --context covers (from `get`). Without --context the key
     /// is read first and everything read is deleted.
     Del {
+        /// The key (UTF-8 as given).
         key: String,
+        /// Causal context printed by `get` (hex).
         #[arg(long)]
         context: Option<String>,
+        /// The node's native-protocol address.
         #[arg(long, default_value = "127.0.0.1:7700")]
         node: SocketAddr,
     },
@@ -94,6 +108,7 @@ enum Command {
 enum AdminCommand {
     /// Node identity, layout and per-shard state.
     Status {
+        /// The node's native-protocol address.
         #[arg(long, default_value = "127.0.0.1:7700")]
         node: SocketAddr,
     },
