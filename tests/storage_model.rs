@@ -112,6 +112,7 @@ fn run_sequence(seed: u64, mode: SyncMode) {
                     c.compactions += s.compactions;
                     c.recovered_records += s.recovered_records;
                     c.commit_batches += s.commit_batches;
+                    c.cache_hits += s.cache_hits;
                 });
                 if disk.has_crashed() {
                     return false;
@@ -140,6 +141,7 @@ struct Coverage {
     compactions: u64,
     recovered_records: u64,
     commit_batches: u64,
+    cache_hits: u64,
 }
 
 thread_local! {
@@ -166,10 +168,12 @@ fn run_many(mode: SyncMode, count: u64, salt: u64) {
     COVERAGE.with(|c| {
         let c = c.borrow();
         eprintln!("{mode:?}: {count} sequences exercised {c:?}");
-        // The suite is only meaningful if crashes, seals, compactions and
-        // commit-log replay all happened many times.
+        // The suite is only meaningful if crashes, seals, compactions,
+        // commit-log replay and cache hits (the cache's coherence with the
+        // index is what they check) all happened many times.
         if count >= 200 {
             assert!(c.crashed_mid_workload > count / 2 && c.sealed > count && c.compactions > count / 4, "{c:?}");
+            assert!(c.cache_hits > count, "{c:?}");
             if mode != SyncMode::None {
                 assert!(c.recovered_records > count, "{c:?}");
             }
