@@ -443,11 +443,18 @@ impl Shard {
         // a concurrent write simply allocates its own).
         let mut bytes = self.encode_buffer.take();
         encoding::encode_into(&next, &mut bytes);
-        let attempt = self.store.try_put(partition, key, &bytes);
+        // In group mode the write stays pending (readable by later
+        // operations) until durable, then becomes the cached value: one
+        // allocation serves both.
+        let group = self.config.storage.sync_mode == crate::config::SyncMode::Group;
+        let shared = group.then(|| Value::new(key, &bytes));
+        let attempt = match &shared {
+            Some(value) => self.store.try_put_value(partition, value),
+            None => self.store.try_put(partition, key, &bytes),
+        };
         let attempt = match attempt {
             Ok(TryPut::Queued(queued)) => {
-                let group = self.config.storage.sync_mode == crate::config::SyncMode::Group;
-                let done = group.then(|| self.note_pending(key, hash, &bytes, queued.batch_seq));
+                let done = shared.map(|value| self.note_pending(hash, value, queued.batch_seq));
                 // Built now so that the version set is freed at once: a
                 // commit batch keeps hundreds of writes waiting, and
                 // glibc's per-thread cache holds only a few freed blocks
@@ -467,7 +474,7 @@ impl Shard {
 
     /// Notes a write to `key` in commit batch `batch` as pending (group
     /// mode); gives the batch's completion.
-    fn note_pending(&self, key: &[u8], hash: u64, bytes: &[u8], batch: u64) -> Rc<PendingDone> {
+    fn note_pending(&self, hash: u64, bytes: Value, batch: u64) -> Rc<PendingDone> {
         let done = {
             let mut open = self.open_batch_done.borrow_mut();
             match &*open {
@@ -479,9 +486,11 @@ impl Shard {
                 }
             }
         };
-        let entry = Pending { bytes: Value::new(key, bytes), batch, done: done.clone() };
         let mut pending = self.pending.borrow_mut();
-        match pending.find_mut(hash, |p| p.bytes.key() == key) {
+        let key = bytes.key();
+        let found = pending.find_mut(hash, |p| p.bytes.key() == key);
+        let entry = Pending { bytes, batch, done: done.clone() };
+        match found {
             Some(slot) => *slot = entry,
             None => {
                 pending.insert_unique(hash, entry, |p| key_hash(p.bytes.key()));

@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use futures::FutureExt;
 
+use super::cache::Value;
 use super::disk::{is_no_space, Disk, DiskBuffer, DiskFile, OpenMode};
 use super::format::{
     align_up, encode_pad, pad_len, parse_header, CommitLogHeader, RecordKind, RecordView, BLOCK_BYTES,
@@ -39,6 +40,9 @@ pub(crate) struct Batch<D: Disk> {
     pub len: usize,
     pub waiters: Vec<usize>,
     pub records: u64,
+    /// Per record, in order: the value the writer already built for the
+    /// cache (`try_put_value`), which the cache then takes as is.
+    pub cached: Vec<Option<Value>>,
     /// Lsn of the first record (a log file switched to for this batch
     /// starts its incarnation here).
     pub first_lsn: u64,
@@ -46,7 +50,7 @@ pub(crate) struct Batch<D: Disk> {
 
 impl<D: Disk> Default for Batch<D> {
     fn default() -> Self {
-        Self { buffer: None, len: 0, waiters: Vec::new(), records: 0, first_lsn: 0 }
+        Self { buffer: None, len: 0, waiters: Vec::new(), records: 0, cached: Vec::new(), first_lsn: 0 }
     }
 }
 
@@ -192,7 +196,7 @@ impl<D: Disk> Inner<D> {
     /// Takes the open batch and makes it durable (per the sync mode), then
     /// applies it (group mode) and completes its waiters.
     async fn write_batch(&self) {
-        let batch = {
+        let mut batch = {
             let mut st = self.state.borrow_mut();
             st.log.as_mut().expect("log mode").writing = true;
             st.batch_seq += 1;
@@ -204,14 +208,24 @@ impl<D: Disk> Inner<D> {
             // Durable: now visible. One borrow for the whole batch, no await.
             let mut st = self.state.borrow_mut();
             let super::store::State { partitions, buffered_bytes, .. } = &mut *st;
+            let mut cached = std::mem::take(&mut batch.cached).into_iter();
             let bytes = batch.bytes();
             let mut at = 0;
             while at < bytes.len() {
                 let header = parse_header(&bytes[at..]).expect("records encoded by this process");
                 let len = header.record_len();
                 let key = &bytes[at + RECORD_HEADER_BYTES..at + RECORD_HEADER_BYTES + header.key_len];
-                *buffered_bytes +=
-                    apply(self, partitions, header.partition, header.kind, header.lsn, key, len, &bytes[at..at + len]);
+                let value = cached.next().expect("one entry per record");
+                *buffered_bytes += apply(
+                    self,
+                    partitions,
+                    header.partition,
+                    header.kind,
+                    header.lsn,
+                    key,
+                    (len, &bytes[at..at + len]),
+                    value,
+                );
                 at += len;
             }
         }

@@ -421,9 +421,16 @@ impl<D: Disk> Inner<D> {
                 {
                     let mut st = self.state.borrow_mut();
                     st.stats.recovered_records += 1;
-                    self.append_to_partition(&mut st, partition, kind, lsn, &key, raw.len(), |out| {
-                        out.copy_from_slice(&raw)
-                    });
+                    self.append_to_partition(
+                        &mut st,
+                        partition,
+                        kind,
+                        lsn,
+                        &key,
+                        raw.len(),
+                        |out| out.copy_from_slice(&raw),
+                        None,
+                    );
                 }
                 if self.state.borrow().buffered_bytes > self.config.write_buffer_bytes_max {
                     self.flush_all_now().await?;

@@ -23,7 +23,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
 use slab::Slab;
 
-use super::cache::key_hash;
+use super::cache::{key_hash, Value};
 use super::disk::{is_no_space, Disk, DiskBuffer, DiskFile, OpenMode};
 use super::format::{
     align_up, align_up_u64, encode_pad, pad_len, parse_record, HintEntries, HintEntry, HintHeader, RecordError,
@@ -314,7 +314,10 @@ impl<D: Disk> PartitionState<D> {
         FILE_HEADER_BYTES
     }
 
-    /// Appends one record (bytes written by `fill`) and updates the index.
+    /// Appends one record (bytes written by `fill`) and updates the index
+    /// and the cache (with `cached` as the key's value when the writer built
+    /// one; it must hold the record's key and value).
+    #[allow(clippy::too_many_arguments)]
     pub fn append(
         &mut self,
         inner: &Inner<D>,
@@ -323,6 +326,7 @@ impl<D: Disk> PartitionState<D> {
         key: &[u8],
         len: usize,
         fill: impl FnOnce(&mut [u8]),
+        cached: Option<Value>,
     ) -> AppendOutcome {
         debug_assert!(lsn > self.max_lsn, "lsn {lsn} after {}", self.max_lsn);
         let config = &inner.config;
@@ -358,7 +362,13 @@ impl<D: Disk> PartitionState<D> {
             let value_start = at + RECORD_HEADER_BYTES + align_up(key.len(), RECORD_ALIGN_BYTES);
             let bytes =
                 &active.tail.as_ref().expect("just written").as_bytes()[value_start..value_start + value_len as usize];
-            inner.cache.borrow_mut().insert(self.id, hash, key, bytes);
+            match cached {
+                Some(value) => {
+                    debug_assert!(value.key() == key && *value == *bytes, "a cached value differs from its record");
+                    inner.cache.borrow_mut().insert_value(self.id, hash, value);
+                }
+                None => inner.cache.borrow_mut().insert(self.id, hash, key, bytes),
+            }
         } else {
             inner.cache.borrow_mut().invalidate(self.id, hash, key);
         }

@@ -364,6 +364,19 @@ impl<D: Disk> Inner<D> {
     /// One attempt to take a write: without awaiting, either completes it
     /// (no-ack modes), enqueues it in the batch, or says what to wait for.
     fn try_write(&self, partition: u32, kind: RecordKind, key: &[u8], value: &[u8], len: usize) -> Result<WriteStep> {
+        self.try_write_cached(partition, kind, key, value, len, None)
+    }
+
+    /// `try_write` with the value the cache will hold already built.
+    fn try_write_cached(
+        &self,
+        partition: u32,
+        kind: RecordKind,
+        key: &[u8],
+        value: &[u8],
+        len: usize,
+        cached: Option<&Value>,
+    ) -> Result<WriteStep> {
         let mut st = self.state.borrow_mut();
         st.check_writable(self.layout.shard)?;
         // Writers wait while the partition buffers are full; one record is
@@ -380,7 +393,7 @@ impl<D: Disk> Inner<D> {
         };
         if self.config.sync_mode == SyncMode::None {
             let lsn = st.take_lsn();
-            self.append_to_partition(&mut st, partition, kind, lsn, key, len, |out| encode(out, lsn));
+            self.append_to_partition(&mut st, partition, kind, lsn, key, len, |out| encode(out, lsn), cached.cloned());
             count_write(&mut st, kind);
             return Ok(WriteStep::Done);
         }
@@ -395,9 +408,10 @@ impl<D: Disk> Inner<D> {
         let step = if self.config.sync_mode == SyncMode::Interval {
             let State { batch, partitions, buffered_bytes, .. } = &mut *st;
             let record = &batch.bytes()[at..at + len];
-            *buffered_bytes += apply(self, partitions, partition, kind, lsn, key, len, record);
+            *buffered_bytes += apply(self, partitions, partition, kind, lsn, key, (len, record), cached.cloned());
             WriteStep::Done
         } else {
+            st.batch.cached.push(cached.cloned());
             let waiter = self.waiters.borrow_mut().insert(WaiterSlot::Waiting(None));
             st.batch.waiters.push(waiter);
             WriteStep::AwaitAck(waiter)
@@ -407,7 +421,8 @@ impl<D: Disk> Inner<D> {
         Ok(step)
     }
 
-    /// Appends a record (written by `fill`) to a partition's buffer and index.
+    /// Appends a record (written by `fill`) to a partition's buffer and index
+    /// (and `cached`, if given, to the cache as the key's value).
     #[allow(clippy::too_many_arguments)]
     pub fn append_to_partition(
         &self,
@@ -418,9 +433,10 @@ impl<D: Disk> Inner<D> {
         key: &[u8],
         len: usize,
         fill: impl FnOnce(&mut [u8]),
+        cached: Option<Value>,
     ) {
         let part = st.partitions.entry(partition).or_insert_with(|| PartitionState::new(partition));
-        let outcome = part.append(self, kind, lsn, key, len, fill);
+        let outcome = part.append(self, kind, lsn, key, len, fill, cached);
         st.buffered_bytes += outcome.buffered_bytes;
         if outcome.needs_flush {
             self.segment_work.notify();
@@ -618,7 +634,9 @@ fn count_write<D: Disk>(st: &mut State<D>, kind: RecordKind) {
     }
 }
 
-/// Copies an encoded record into its partition. Returns bytes buffered.
+/// Copies an encoded record (its length and bytes) into its partition;
+/// `cached` is the value for the cache if the writer built one. Returns
+/// bytes buffered.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn apply<D: Disk>(
     inner: &Inner<D>,
@@ -627,11 +645,11 @@ pub(crate) fn apply<D: Disk>(
     kind: RecordKind,
     lsn: u64,
     key: &[u8],
-    len: usize,
-    record: &[u8],
+    (len, record): (usize, &[u8]),
+    cached: Option<Value>,
 ) -> usize {
     let part = partitions.entry(partition).or_insert_with(|| PartitionState::new(partition));
-    let outcome = part.append(inner, kind, lsn, key, len, |out| out.copy_from_slice(record));
+    let outcome = part.append(inner, kind, lsn, key, len, |out| out.copy_from_slice(record), cached);
     if outcome.needs_flush {
         inner.segment_work.notify();
     }
@@ -762,10 +780,28 @@ impl<D: Disk> ShardStore<D> {
     /// The returned `Queued` names the commit batch the write is in (group
     /// mode); awaiting `durable` gives the outcome `put` would have.
     pub fn try_put(&self, partition: u32, key: &[u8], value: &[u8]) -> Result<TryPut<'_, D>> {
+        self.try_put_cached(partition, key, value, None)
+    }
+
+    /// `try_put` of a `Value` (its key and value) that the cache then holds
+    /// as it is, with no copy. For a writer that keeps the value itself
+    /// meanwhile (the shard's pending writes): one allocation serves both,
+    /// and short-lived and cached values do not share allocator pages.
+    pub fn try_put_value(&self, partition: u32, value: &Value) -> Result<TryPut<'_, D>> {
+        self.try_put_cached(partition, value.key(), value, Some(value))
+    }
+
+    fn try_put_cached(
+        &self,
+        partition: u32,
+        key: &[u8],
+        value: &[u8],
+        cached: Option<&Value>,
+    ) -> Result<TryPut<'_, D>> {
         let inner = &*self.inner;
         let len = inner.admit_write(partition, key, value)?;
         let batch_seq = inner.state.borrow().batch_seq;
-        Ok(match inner.try_write(partition, RecordKind::Put, key, value, len)? {
+        Ok(match inner.try_write_cached(partition, RecordKind::Put, key, value, len, cached)? {
             WriteStep::Done => TryPut::Queued(Queued { batch_seq, ack: None }),
             WriteStep::AwaitAck(waiter) => {
                 TryPut::Queued(Queued { batch_seq, ack: Some(WaitAck { inner, key: Some(waiter) }) })
