@@ -243,28 +243,33 @@ impl ValueCache {
                 // Just written: as recent as a read.
                 slot.referenced.set(true);
                 self.weight = self.weight - old.weight() + weight;
+                while self.weight > self.weight_max {
+                    self.evict_one();
+                }
             }
-            Err(_) => {
+            Err(mut at) => {
+                let mut moved = false;
                 while self.len + 1 > self.len_max {
                     if self.slots.len() < self.slot_count_max {
                         self.resize(self.slots.len() * 2);
                     } else {
                         self.evict_one();
                     }
+                    moved = true;
                 }
                 while self.weight + weight > self.weight_max {
                     self.evict_one();
+                    moved = true;
                 }
-                // Eviction shifts entries, so probe again for the empty slot.
-                let at = self.find(partition, mixed, value.key()).expect_err("the key was absent");
+                if moved {
+                    // Growing and eviction move entries: probe again.
+                    at = self.find(partition, mixed, value.key()).expect_err("the key was absent");
+                }
                 self.slots[at] =
                     Slot { value: Some(value), mixed, partition: partition_id, referenced: Cell::new(false) };
                 self.len += 1;
                 self.weight += weight;
             }
-        }
-        while self.weight > self.weight_max {
-            self.evict_one();
         }
     }
 

@@ -223,7 +223,7 @@ impl<D: Disk> Inner<D> {
                     header.kind,
                     header.lsn,
                     key,
-                    (len, &bytes[at..at + len]),
+                    &bytes[at..at + len],
                     value,
                 );
                 at += len;

@@ -408,7 +408,7 @@ impl<D: Disk> Inner<D> {
         let step = if self.config.sync_mode == SyncMode::Interval {
             let State { batch, partitions, buffered_bytes, .. } = &mut *st;
             let record = &batch.bytes()[at..at + len];
-            *buffered_bytes += apply(self, partitions, partition, kind, lsn, key, (len, record), cached.cloned());
+            *buffered_bytes += apply(self, partitions, partition, kind, lsn, key, record, cached.cloned());
             WriteStep::Done
         } else {
             st.batch.cached.push(cached.cloned());
@@ -634,9 +634,8 @@ fn count_write<D: Disk>(st: &mut State<D>, kind: RecordKind) {
     }
 }
 
-/// Copies an encoded record (its length and bytes) into its partition;
-/// `cached` is the value for the cache if the writer built one. Returns
-/// bytes buffered.
+/// Copies an encoded record into its partition; `cached` is the value for
+/// the cache if the writer built one. Returns bytes buffered.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn apply<D: Disk>(
     inner: &Inner<D>,
@@ -645,11 +644,11 @@ pub(crate) fn apply<D: Disk>(
     kind: RecordKind,
     lsn: u64,
     key: &[u8],
-    (len, record): (usize, &[u8]),
+    record: &[u8],
     cached: Option<Value>,
 ) -> usize {
     let part = partitions.entry(partition).or_insert_with(|| PartitionState::new(partition));
-    let outcome = part.append(inner, kind, lsn, key, len, |out| out.copy_from_slice(record), cached);
+    let outcome = part.append(inner, kind, lsn, key, record.len(), |out| out.copy_from_slice(record), cached);
     if outcome.needs_flush {
         inner.segment_work.notify();
     }
