@@ -340,6 +340,48 @@ impl ValueCache {
     pub fn weight(&self) -> u64 {
         self.weight
     }
+
+    /// Starts loading what inserting `partition`'s key with `hash` will
+    /// touch: its home slot and, once the cache is full, the slots at the
+    /// eviction hand and the allocation of the entry there (its reference
+    /// count drops on eviction). A writer calls this before the work it does
+    /// anyway (encoding, the index update), so these cache misses overlap
+    /// with that work instead of following one another: in an ingest they
+    /// were five serial misses per put.
+    pub fn prefetch_insert(&self, partition: u32, hash: u64) {
+        prefetch(&self.slots[self.home(Self::mix(partition, hash))]);
+        if self.len < self.len_max && self.weight + 2 * EXPECTED_WEIGHT_FLOOR < self.weight_max {
+            return;
+        }
+        // After an eviction the hand rests on the slot it emptied, so the
+        // next victim is usually one step on; that slot was prefetched by
+        // the previous insert (as two steps on).
+        let ahead = |steps: usize| self.hand.wrapping_add(steps).wrapping_mul(HAND_SCRAMBLE) & self.mask;
+        prefetch(&self.slots[ahead(2)]);
+        let victim = self.slots[ahead(0)].value.as_ref().or(self.slots[ahead(1)].value.as_ref());
+        // An `Rc`'s reference counts sit just before its data.
+        if let Some(victim) = victim {
+            prefetch(Rc::as_ptr(&victim.record).cast::<u8>().wrapping_sub(2 * std::mem::size_of::<usize>()));
+        }
+    }
+}
+
+/// Below this an entry is light enough that the budget check in
+/// `prefetch_insert` need not be exact: at worst one prefetch is wasted.
+const EXPECTED_WEIGHT_FLOOR: u64 = 4096;
+
+/// Asks the CPU to start loading `at`'s cache line (a hint: never faults,
+/// never changes what the program computes).
+#[inline(always)]
+fn prefetch<T>(at: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint; it does not dereference in the Rust
+    // sense and cannot fault, whatever the address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(at.cast::<i8>());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = at;
 }
 
 #[cfg(test)]

@@ -127,7 +127,13 @@ impl<V: Copy> KeyIndex<V> {
 
     /// Inserts or replaces; returns the previous value.
     pub fn insert(&mut self, key: &[u8], value: V) -> Option<V> {
-        let hash = xxh3_64(key);
+        self.insert_hashed(xxh3_64(key), key, value)
+    }
+
+    /// `insert` for a caller that has the key's xxh3 hash already (the
+    /// value cache is keyed by the same hash).
+    pub fn insert_hashed(&mut self, hash: u64, key: &[u8], value: V) -> Option<V> {
+        debug_assert_eq!(hash, xxh3_64(key));
         let arena = &self.arena;
         if let Some(entry) = self.table.find_mut(hash, |e| arena.key(e.key_ref) == key) {
             let previous = entry.value;

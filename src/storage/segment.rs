@@ -341,6 +341,11 @@ impl<D: Disk> PartitionState<D> {
         if self.active.is_none() {
             buffered += self.start_segment(inner);
         }
+        let hash = key_hash(key);
+        let caching = kind == RecordKind::Put && inner.config.cache_writes;
+        if caching {
+            inner.cache.borrow().prefetch_insert(self.id, hash);
+        }
         let active = self.active.as_mut().expect("started");
         let offset = active.push(&inner.disk, config.segment_write_bytes, len, fill);
         // The true value length is in the record header just written (the
@@ -354,24 +359,6 @@ impl<D: Disk> PartitionState<D> {
         active.last_lsn = lsn;
         active.dirty_since.get_or_insert_with(|| inner.disk.now());
         let slot = active.slot;
-        // The cache follows the index (see `cache.rs`): the new value, or
-        // no entry at all.
-        let hash = key_hash(key);
-        if kind == RecordKind::Put && inner.config.cache_writes {
-            let at = (offset - active.tail_start) as usize;
-            let value_start = at + RECORD_HEADER_BYTES + align_up(key.len(), RECORD_ALIGN_BYTES);
-            let bytes =
-                &active.tail.as_ref().expect("just written").as_bytes()[value_start..value_start + value_len as usize];
-            match cached {
-                Some(value) => {
-                    debug_assert!(value.key() == key && *value == *bytes, "a cached value differs from its record");
-                    inner.cache.borrow_mut().insert_value(self.id, hash, value);
-                }
-                None => inner.cache.borrow_mut().insert(self.id, hash, key, bytes),
-            }
-        } else {
-            inner.cache.borrow_mut().invalidate(self.id, hash, key);
-        }
         let needs_flush = active.has_unwritten() || !self.sealing.is_empty();
         buffered += len;
         let segment = &mut self.segments[slot as usize];
@@ -384,7 +371,7 @@ impl<D: Disk> PartitionState<D> {
             RecordKind::Put => {
                 segment.live_bytes += len as u64;
                 let location = Location { slot, offset, value_len };
-                let previous = self.index.insert(key, location);
+                let previous = self.index.insert_hashed(hash, key, location);
                 debug_assert!(self.index.get(key) == Some(location));
                 previous
             }
@@ -398,6 +385,24 @@ impl<D: Disk> PartitionState<D> {
         if let Some(old) = previous {
             let old_len = super::format::record_len(key.len(), old.value_len as usize) as u64;
             self.segments[old.slot as usize].live_bytes -= old_len;
+        }
+        // The cache follows the index (see `cache.rs`): the new value, or
+        // no entry at all. After the index update, so that the cache lines
+        // prefetched above arrive meanwhile.
+        if caching {
+            let at = (u64::from(offset) - active.tail_start) as usize;
+            let value_start = at + RECORD_HEADER_BYTES + align_up(key.len(), RECORD_ALIGN_BYTES);
+            let bytes =
+                &active.tail.as_ref().expect("just written").as_bytes()[value_start..value_start + value_len as usize];
+            match cached {
+                Some(value) => {
+                    debug_assert!(value.key() == key && *value == *bytes, "a cached value differs from its record");
+                    inner.cache.borrow_mut().insert_value(self.id, hash, value);
+                }
+                None => inner.cache.borrow_mut().insert(self.id, hash, key, bytes),
+            }
+        } else {
+            inner.cache.borrow_mut().invalidate(self.id, hash, key);
         }
         AppendOutcome { buffered_bytes: buffered, needs_flush }
     }
