@@ -373,7 +373,7 @@ const EXPECTED_WEIGHT_FLOOR: u64 = 4096;
 /// Asks the CPU to start loading `at`'s cache line (a hint: never faults,
 /// never changes what the program computes).
 #[inline(always)]
-fn prefetch<T>(at: *const T) {
+pub(super) fn prefetch<T>(at: *const T) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: a prefetch is a hint; it does not dereference in the Rust
     // sense and cannot fault, whatever the address.

@@ -2,17 +2,35 @@
 //! (at run time a `Location`: segment slot, offset, value length).
 //!
 //! Memory is the design constraint (target: at most 48 bytes of overhead per
-//! key besides the key bytes). Entries are 14 bytes (a `u32` key reference and
-//! a 10-byte packed `Location`) in a `hashbrown::HashTable` whose hash is xxh3
-//! of the key, recomputed from the arena on resize rather than stored. Keys
-//! live length-prefixed in an arena of chunks of at most 1 MiB; a key
+//! key besides the key bytes), and so are cache misses: an index update is
+//! on every write's path. The table is open-addressed with linear probing
+//! and holds 16-byte slots (for a `Location`):
+//!
+//! ```text
+//! slot: key_ref u32 (EMPTY = u32::MAX) | tag u16 (hash >> 48) | value V (10 B)
+//! home slot = xxh3(key) & mask; at most 3/4 of the slots are used
+//! ```
+//!
+//! A probe compares tags and reads a key from the arena only when the tag
+//! matches, so it usually touches one cache line of the table and, for a
+//! key that is present, one of the arena. Writers prefetch that line before
+//! they encode the record (`prefetch`), so its miss overlaps other work;
+//! `hashbrown::HashTable`, used before, offers no way to do that, and its
+//! separate control bytes and buckets were two misses. Deletion shifts the
+//! rest of the probe run back (no tombstones). The hash is not stored: a
+//! resize recomputes it from the arena.
+//!
+//! Keys live length-prefixed in an arena of chunks of at most 1 MiB; a key
 //! reference is (chunk, offset). Chunks grow by half the arena's size (so at
 //! most a third is slack), are sized exactly when the index is rebuilt from a
 //! known set of keys (recovery), and no key moves until the arena is
 //! compacted (when removed keys make up half of it).
 
-use hashbrown::HashTable;
+use std::mem::MaybeUninit;
+
 use xxhash_rust::xxh3::xxh3_64;
+
+use super::cache::prefetch;
 
 /// Where a live record is: the partition's segment slot, the record's byte
 /// offset in the segment, and its value length (the record length follows).
@@ -25,15 +43,49 @@ pub struct Location {
     pub value_len: u32,
 }
 
+/// A table slot. `value` is initialized exactly when `key_ref != EMPTY`.
 #[derive(Clone, Copy)]
 #[repr(C, packed(2))]
-struct Entry<V: Copy> {
+struct Slot<V: Copy> {
     key_ref: u32,
-    value: V,
+    tag: u16,
+    value: MaybeUninit<V>,
+}
+
+/// `key_ref` of a free slot. Never a real reference: a key at the last
+/// offset of a chunk would need its length prefix beyond the chunk's end.
+const EMPTY: u32 = u32::MAX;
+
+impl<V: Copy> Slot<V> {
+    const FREE: Self = Self { key_ref: EMPTY, tag: 0, value: MaybeUninit::uninit() };
+
+    fn is_free(&self) -> bool {
+        self.key_ref == EMPTY
+    }
+
+    fn value(&self) -> V {
+        debug_assert!(!self.is_free());
+        let value = self.value;
+        // SAFETY: used slots are always written with a value (`put`), and
+        // free ones are never read (callers check `is_free` first).
+        unsafe { value.assume_init() }
+    }
 }
 
 const _: () = assert!(std::mem::size_of::<Location>() == 10);
-const _: () = assert!(std::mem::size_of::<Entry<Location>>() == 14);
+const _: () = assert!(std::mem::size_of::<Slot<Location>>() == 16);
+
+/// Slots of the first table.
+const SLOTS_MIN: usize = 8;
+
+fn tag_of(hash: u64) -> u16 {
+    (hash >> 48) as u16
+}
+
+/// Slots for `keys` keys at most 3/4 full.
+fn slots_for(keys: usize) -> usize {
+    (keys + keys.div_ceil(3)).next_power_of_two().max(SLOTS_MIN)
+}
 
 /// Most segments a partition can have at once (slots are u16).
 pub const SEGMENT_SLOTS_MAX: usize = u16::MAX as usize + 1;
@@ -80,7 +132,9 @@ impl KeyArena {
         chunk.extend_from_slice(key);
         self.used_bytes += need;
         self.planned_bytes = self.planned_bytes.saturating_sub(need);
-        ((index as u32) << CHUNK_OFFSET_BITS) | off as u32
+        let key_ref = ((index as u32) << CHUNK_OFFSET_BITS) | off as u32;
+        debug_assert_ne!(key_ref, EMPTY);
+        key_ref
     }
 
     fn release(&mut self, key_len: usize) {
@@ -94,14 +148,16 @@ impl KeyArena {
 
 /// Key → `V` map for one partition.
 pub struct KeyIndex<V: Copy> {
-    table: HashTable<Entry<V>>,
+    /// A power of two long, or empty before the first insert.
+    slots: Box<[Slot<V>]>,
+    len: usize,
     arena: KeyArena,
     key_bytes: usize,
 }
 
 impl<V: Copy> Default for KeyIndex<V> {
     fn default() -> Self {
-        Self { table: HashTable::new(), arena: KeyArena::default(), key_bytes: 0 }
+        Self { slots: Box::new([]), len: 0, arena: KeyArena::default(), key_bytes: 0 }
     }
 }
 
@@ -109,20 +165,53 @@ impl<V: Copy> KeyIndex<V> {
     /// An empty index sized for `keys` keys totalling `key_bytes` bytes.
     pub fn with_capacity(keys: usize, key_bytes: usize) -> Self {
         let arena = KeyArena { planned_bytes: key_bytes + keys * LEN_PREFIX_BYTES, ..KeyArena::default() };
-        Self { table: HashTable::with_capacity(keys), arena, key_bytes: 0 }
+        let slots = if keys == 0 { Box::new([]) as Box<[Slot<V>]> } else { vec![Slot::FREE; slots_for(keys)].into() };
+        Self { slots, len: 0, arena, key_bytes: 0 }
     }
 
     pub fn len(&self) -> usize {
-        self.table.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.table.is_empty()
+        self.len == 0
+    }
+
+    fn mask(&self) -> usize {
+        self.slots.len().wrapping_sub(1)
+    }
+
+    /// The slot holding `key` (whose xxh3 is `hash`), or the free slot
+    /// that ends its probe run. The table must not be empty; it always has
+    /// a free slot (at most 3/4 are used), so the probe ends.
+    fn find(&self, hash: u64, key: &[u8]) -> Result<usize, usize> {
+        let (mask, tag) = (self.mask(), tag_of(hash));
+        let mut i = hash as usize & mask;
+        loop {
+            let slot = &self.slots[i];
+            if slot.is_free() {
+                return Err(i);
+            }
+            if slot.tag == tag && self.arena.key(slot.key_ref) == key {
+                return Ok(i);
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    /// Starts loading the table line where a key with xxh3 `hash` is
+    /// looked up (see the module doc).
+    pub fn prefetch(&self, hash: u64) {
+        if !self.slots.is_empty() {
+            prefetch(&self.slots[hash as usize & self.mask()]);
+        }
     }
 
     pub fn get(&self, key: &[u8]) -> Option<V> {
-        let arena = &self.arena;
-        self.table.find(xxh3_64(key), |e| arena.key(e.key_ref) == key).map(|e| e.value)
+        if self.len == 0 {
+            return None;
+        }
+        self.find(xxh3_64(key), key).ok().map(|i| self.slots[i].value())
     }
 
     /// Inserts or replaces; returns the previous value.
@@ -134,17 +223,38 @@ impl<V: Copy> KeyIndex<V> {
     /// value cache is keyed by the same hash).
     pub fn insert_hashed(&mut self, hash: u64, key: &[u8], value: V) -> Option<V> {
         debug_assert_eq!(hash, xxh3_64(key));
-        let arena = &self.arena;
-        if let Some(entry) = self.table.find_mut(hash, |e| arena.key(e.key_ref) == key) {
-            let previous = entry.value;
-            entry.value = value;
-            return Some(previous);
+        if (self.len + 1) * 4 > self.slots.len() * 3 {
+            self.resize(slots_for(self.len + 1).max(self.slots.len() * 2));
         }
-        let key_ref = self.arena.push(key);
-        self.key_bytes += key.len();
-        let arena = &self.arena;
-        self.table.insert_unique(hash, Entry { key_ref, value }, |e| xxh3_64(arena.key(e.key_ref)));
-        None
+        match self.find(hash, key) {
+            Ok(i) => {
+                let slot = &mut self.slots[i];
+                let previous = slot.value();
+                slot.value = MaybeUninit::new(value);
+                Some(previous)
+            }
+            Err(i) => {
+                let key_ref = self.arena.push(key);
+                self.key_bytes += key.len();
+                self.slots[i] = Slot { key_ref, tag: tag_of(hash), value: MaybeUninit::new(value) };
+                self.len += 1;
+                None
+            }
+        }
+    }
+
+    /// Moves every entry into a table of `slot_count` slots (a power of
+    /// two), rehashing the keys from the arena.
+    fn resize(&mut self, slot_count: usize) {
+        let old = std::mem::replace(&mut self.slots, vec![Slot::FREE; slot_count].into());
+        let mask = slot_count - 1;
+        for slot in old.iter().filter(|slot| !slot.is_free()) {
+            let mut i = xxh3_64(self.arena.key(slot.key_ref)) as usize & mask;
+            while !self.slots[i].is_free() {
+                i = (i + 1) & mask;
+            }
+            self.slots[i] = *slot;
+        }
     }
 
     /// Replaces the value only if it is still `expected` (compaction moving a
@@ -153,10 +263,12 @@ impl<V: Copy> KeyIndex<V> {
     where
         V: PartialEq,
     {
-        let arena = &self.arena;
-        match self.table.find_mut(xxh3_64(key), |e| arena.key(e.key_ref) == key) {
-            Some(entry) if { entry.value } == expected => {
-                entry.value = value;
+        if self.len == 0 {
+            return false;
+        }
+        match self.find(xxh3_64(key), key) {
+            Ok(i) if self.slots[i].value() == expected => {
+                self.slots[i].value = MaybeUninit::new(value);
                 true
             }
             _ => false,
@@ -164,17 +276,40 @@ impl<V: Copy> KeyIndex<V> {
     }
 
     pub fn remove(&mut self, key: &[u8]) -> Option<V> {
-        let arena = &self.arena;
-        let found = self.table.find_entry(xxh3_64(key), |e| arena.key(e.key_ref) == key).ok()?;
-        let (entry, _) = found.remove();
+        if self.len == 0 {
+            return None;
+        }
+        let at = self.find(xxh3_64(key), key).ok()?;
+        let removed = self.slots[at].value();
+        self.slots[at] = Slot::FREE;
+        self.len -= 1;
+        self.shift_back(at);
         self.arena.release(key.len());
         self.key_bytes -= key.len();
         self.maybe_compact_arena();
-        Some(entry.value)
+        Some(removed)
+    }
+
+    /// After `hole` was freed: moves back the entries after it whose probe
+    /// run passes through the hole, so every probe still finds them.
+    fn shift_back(&mut self, mut hole: usize) {
+        let mask = self.mask();
+        let mut next = (hole + 1) & mask;
+        while !self.slots[next].is_free() {
+            let home = xxh3_64(self.arena.key(self.slots[next].key_ref)) as usize & mask;
+            // Moving back is allowed when the hole is no earlier in the probe
+            // sequence than the entry's home.
+            if (next.wrapping_sub(home) & mask) >= (next.wrapping_sub(hole) & mask) {
+                self.slots[hole] = self.slots[next];
+                self.slots[next] = Slot::FREE;
+                hole = next;
+            }
+            next = (next + 1) & mask;
+        }
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], V)> {
-        self.table.iter().map(|e| (self.arena.key(e.key_ref), e.value))
+        self.slots.iter().filter(|slot| !slot.is_free()).map(|slot| (self.arena.key(slot.key_ref), slot.value()))
     }
 
     /// A copy with values mapped by `f` (entries where it returns None are
@@ -198,8 +333,7 @@ impl<V: Copy> KeyIndex<V> {
 
     /// Heap bytes used by the table and the arena, minus the key bytes.
     pub fn overhead_bytes(&self) -> usize {
-        let table = self.table.capacity().div_ceil(7) * 8 * (std::mem::size_of::<Entry<V>>() + 1);
-        table + self.arena.allocated_bytes() - self.key_bytes
+        std::mem::size_of_val(&*self.slots) + self.arena.allocated_bytes() - self.key_bytes
     }
 
     pub fn key_bytes(&self) -> usize {
@@ -214,8 +348,8 @@ impl<V: Copy> KeyIndex<V> {
         }
         let live = used - self.arena.garbage_bytes;
         let mut arena = KeyArena { planned_bytes: live, ..KeyArena::default() };
-        for entry in self.table.iter_mut() {
-            entry.key_ref = arena.push(self.arena.key(entry.key_ref));
+        for slot in self.slots.iter_mut().filter(|slot| !slot.is_free()) {
+            slot.key_ref = arena.push(self.arena.key(slot.key_ref));
         }
         self.arena = arena;
     }
@@ -257,6 +391,16 @@ mod tests {
             }
             let keys: usize = model.keys().map(Vec::len).sum();
             prop_assert_eq!(index.key_bytes(), keys);
+            let listed: HashMap<Vec<u8>, u32> = index.iter().map(|(k, v)| (k.to_vec(), v)).collect();
+            prop_assert_eq!(&listed, &model);
+            let rebuilt = index.map_values(|v| (v % 2 == 0).then_some(v));
+            prop_assert_eq!(rebuilt.len(), model.values().filter(|v| *v % 2 == 0).count());
+            for (k, v) in &model {
+                prop_assert_eq!(rebuilt.get(k), (v % 2 == 0).then_some(*v));
+                prop_assert!(!index.replace_if(k, v.wrapping_add(1), 0));
+                prop_assert!(index.replace_if(k, *v, v.wrapping_add(1)));
+                prop_assert_eq!(index.get(k), Some(v.wrapping_add(1)));
+            }
         }
     }
 
@@ -285,8 +429,8 @@ mod tests {
         let rebuilt = index.map_values(Some);
         // Only the tail of each full chunk (less than one key) is unused.
         assert!(rebuilt.arena.allocated_bytes() - rebuilt.arena.used_bytes <= rebuilt.arena.chunks.len() * 32);
-        // Overhead per key besides the key: the table (14 B entry + 1 control
-        // byte per bucket) plus the 2-byte length prefix.
+        // Overhead per key besides the key: the table (16-byte slots, at
+        // most 3/4 used) plus the 2-byte length prefix.
         let per_key = rebuilt.overhead_bytes() as f64 / rebuilt.len() as f64;
         assert!(per_key < 48.0, "{per_key}");
     }

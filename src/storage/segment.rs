@@ -343,6 +343,7 @@ impl<D: Disk> PartitionState<D> {
         }
         let hash = key_hash(key);
         let caching = kind == RecordKind::Put && inner.config.cache_writes;
+        self.index.prefetch(hash);
         if caching {
             inner.cache.borrow().prefetch_insert(self.id, hash);
         }
