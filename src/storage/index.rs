@@ -409,6 +409,33 @@ mod tests {
         }
     }
 
+    /// Two keys with the same tag and the same home slot: the tag alone
+    /// must never decide a match.
+    #[test]
+    fn keys_sharing_tag_and_home_slot_stay_distinct() {
+        let mut seen = HashMap::new();
+        let (first, second) = (0u32..)
+            .find_map(|i| {
+                let key = format!("collide-{i}").into_bytes();
+                let hash = xxh3_64(&key);
+                // Top 16 bits (the tag) and low 10 (the home slot in any
+                // table of up to 1024 slots); found by the birthday bound
+                // within a few thousand keys.
+                let class = (hash >> 48, hash & 0x3ff);
+                seen.insert(class, key.clone()).map(|earlier| (earlier, key))
+            })
+            .expect("a pair exists");
+        let mut index = KeyIndex::default();
+        assert_eq!(index.insert(&first, 1u32), None);
+        assert_eq!(index.insert(&second, 2), None);
+        assert_eq!((index.get(&first), index.get(&second)), (Some(1), Some(2)));
+        assert_eq!(index.insert(&second, 3), Some(2));
+        assert_eq!(index.remove(&first), Some(1));
+        assert_eq!((index.get(&first), index.get(&second)), (None, Some(3)));
+        assert_eq!(index.remove(&second), Some(3));
+        assert!(index.is_empty());
+    }
+
     #[test]
     fn arena_compaction_keeps_every_live_key() {
         let mut index = KeyIndex::default();
