@@ -41,6 +41,8 @@ use std::rc::Rc;
 
 use xxhash_rust::xxh3::xxh3_64;
 
+use super::prefetch;
+
 /// A value read from the store: the key and value in one shared
 /// allocation; dereferences to the value bytes. Cloning is a
 /// reference-count increment.
@@ -350,7 +352,7 @@ impl ValueCache {
     /// were five serial misses per put.
     pub fn prefetch_insert(&self, partition: u32, hash: u64) {
         prefetch(&self.slots[self.home(Self::mix(partition, hash))]);
-        if self.len < self.len_max && self.weight + 2 * EXPECTED_WEIGHT_FLOOR < self.weight_max {
+        if self.len < self.len_max && self.weight + NEAR_FULL_MARGIN_BYTES < self.weight_max {
             return;
         }
         // After an eviction the hand rests on the slot it emptied, so the
@@ -366,23 +368,10 @@ impl ValueCache {
     }
 }
 
-/// Below this an entry is light enough that the budget check in
-/// `prefetch_insert` need not be exact: at worst one prefetch is wasted.
-const EXPECTED_WEIGHT_FLOOR: u64 = 4096;
-
-/// Asks the CPU to start loading `at`'s cache line (a hint: never faults,
-/// never changes what the program computes).
-#[inline(always)]
-pub(super) fn prefetch<T>(at: *const T) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch is a hint; it does not dereference in the Rust
-    // sense and cannot fault, whatever the address.
-    unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(at.cast::<i8>());
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = at;
-}
+/// `prefetch_insert` treats a cache this close to its byte budget as
+/// about to evict (exactness does not matter: a wrong guess wastes a
+/// prefetch or leaves one miss serial).
+const NEAR_FULL_MARGIN_BYTES: u64 = 8192;
 
 #[cfg(test)]
 mod tests {

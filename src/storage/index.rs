@@ -30,7 +30,7 @@ use std::mem::MaybeUninit;
 
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::cache::prefetch;
+use super::prefetch;
 
 /// Where a live record is: the partition's segment slot, the record's byte
 /// offset in the segment, and its value length (the record length follows).
