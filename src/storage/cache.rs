@@ -41,7 +41,7 @@ use std::rc::Rc;
 
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::prefetch;
+use super::probing::{prefetch, shift_back};
 
 /// A value read from the store: the key and value in one shared
 /// allocation; dereferences to the value bytes. Cloning is a
@@ -288,18 +288,8 @@ impl ValueCache {
         let removed = self.slots[at].value.take().expect("removing a used slot");
         self.len -= 1;
         self.weight -= removed.weight();
-        let mut hole = at;
-        let mut next = (at + 1) & self.mask;
-        while self.slots[next].value.is_some() {
-            let home = self.home(self.slots[next].mixed);
-            // Moving back is allowed when the hole is no earlier in the probe
-            // sequence than the entry's home.
-            if (next.wrapping_sub(home) & self.mask) >= (next.wrapping_sub(hole) & self.mask) {
-                self.slots.swap(hole, next);
-                hole = next;
-            }
-            next = (next + 1) & self.mask;
-        }
+        let mask = self.mask;
+        shift_back(&mut self.slots, at, |slot| slot.value.is_none(), |slot| slot.mixed as usize & mask);
     }
 
     /// Where the hand points: the hand counts up, and an odd multiplier

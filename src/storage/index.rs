@@ -30,7 +30,7 @@ use std::mem::MaybeUninit;
 
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::prefetch;
+use super::probing::{prefetch, shift_back};
 
 /// Where a live record is: the partition's segment slot, the record's byte
 /// offset in the segment, and its value length (the record length follows).
@@ -212,11 +212,16 @@ impl<V: Copy> KeyIndex<V> {
         }
     }
 
-    pub fn get(&self, key: &[u8]) -> Option<V> {
+    /// The slot holding `key`, if any (`find` for a possibly empty table).
+    fn position(&self, key: &[u8]) -> Option<usize> {
         if self.len == 0 {
             return None;
         }
-        self.find(xxh3_64(key), key).ok().map(|i| self.slots[i].value())
+        self.find(xxh3_64(key), key).ok()
+    }
+
+    pub fn get(&self, key: &[u8]) -> Option<V> {
+        self.position(key).map(|i| self.slots[i].value())
     }
 
     /// Inserts or replaces; returns the previous value.
@@ -229,7 +234,7 @@ impl<V: Copy> KeyIndex<V> {
     pub fn insert_hashed(&mut self, hash: u64, key: &[u8], value: V) -> Option<V> {
         debug_assert_eq!(hash, xxh3_64(key));
         if (self.len + 1) * 8 > self.slots.len() * 7 {
-            self.resize(slots_for(self.len + 1).max(self.slots.len() * 2));
+            self.resize((self.slots.len() * 2).max(SLOTS_MIN));
         }
         match self.find(hash, key) {
             Ok(i) => {
@@ -268,11 +273,8 @@ impl<V: Copy> KeyIndex<V> {
     where
         V: PartialEq,
     {
-        if self.len == 0 {
-            return false;
-        }
-        match self.find(xxh3_64(key), key) {
-            Ok(i) if self.slots[i].value() == expected => {
+        match self.position(key) {
+            Some(i) if self.slots[i].value() == expected => {
                 self.slots[i].value = MaybeUninit::new(value);
                 true
             }
@@ -281,36 +283,16 @@ impl<V: Copy> KeyIndex<V> {
     }
 
     pub fn remove(&mut self, key: &[u8]) -> Option<V> {
-        if self.len == 0 {
-            return None;
-        }
-        let at = self.find(xxh3_64(key), key).ok()?;
+        let at = self.position(key)?;
         let removed = self.slots[at].value();
         self.slots[at] = Slot::FREE;
         self.len -= 1;
-        self.shift_back(at);
+        let (arena, mask) = (&self.arena, self.mask());
+        shift_back(&mut self.slots, at, Slot::is_free, |slot| xxh3_64(arena.key(slot.key_ref)) as usize & mask);
         self.arena.release(key.len());
         self.key_bytes -= key.len();
         self.maybe_compact_arena();
         Some(removed)
-    }
-
-    /// After `hole` was freed: moves back the entries after it whose probe
-    /// run passes through the hole, so every probe still finds them.
-    fn shift_back(&mut self, mut hole: usize) {
-        let mask = self.mask();
-        let mut next = (hole + 1) & mask;
-        while !self.slots[next].is_free() {
-            let home = xxh3_64(self.arena.key(self.slots[next].key_ref)) as usize & mask;
-            // Moving back is allowed when the hole is no earlier in the probe
-            // sequence than the entry's home.
-            if (next.wrapping_sub(home) & mask) >= (next.wrapping_sub(hole) & mask) {
-                self.slots[hole] = self.slots[next];
-                self.slots[next] = Slot::FREE;
-                hole = next;
-            }
-            next = (next + 1) & mask;
-        }
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], V)> {

@@ -17,6 +17,7 @@ pub mod data_dir;
 pub mod disk;
 pub mod format;
 pub mod index;
+pub(crate) mod probing;
 pub mod recovery;
 pub mod segment;
 pub mod sim_disk;
@@ -136,17 +137,3 @@ impl StorageError {
 }
 
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;
-
-/// Asks the CPU to start loading `at`'s cache line (a hint: never faults,
-/// never changes what the program computes).
-#[inline(always)]
-pub(crate) fn prefetch<T>(at: *const T) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch is a hint; it does not dereference in the Rust
-    // sense and cannot fault, whatever the address.
-    unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(at.cast::<i8>());
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = at;
-}
