@@ -33,7 +33,9 @@ pub struct StorageConfig {
     pub flush_interval_ms: u64,
     /// A partition's active segment is sealed when it reaches this size.
     pub segment_bytes: u64,
-    /// Partition buffers are written in appends of this size.
+    /// A busy partition's buffer is written in appends of this size (each
+    /// partition's buffer starts small and grows to it while it fills
+    /// between flushes).
     pub segment_write_bytes: usize,
     /// Segment files are grown by fallocate in steps of this size, ahead of
     /// the writes (0: no preallocation).

@@ -30,8 +30,8 @@ use super::format::{
 };
 use super::index::{KeyIndex, Location};
 use super::segment::{
-    check_segment_header, push_hint, read_hint, scan_file, slot_id, write_hint, PartitionState, ScanMode,
-    SegmentBuffer, SegmentState,
+    check_segment_header, push_hint, read_hint, scan_file, slot_id, tail_bytes_min, write_hint, PartitionState,
+    ScanMode, SegmentBuffer, SegmentState,
 };
 use super::store::{Inner, Paths};
 use super::{IoOp, Result, StorageError};
@@ -307,8 +307,9 @@ impl<D: Disk> Inner<D> {
             // A buffer only for a partial last block; otherwise the first
             // append allocates one (idle partitions hold no buffer memory).
             let mut tail = None;
+            let tail_bytes = tail_bytes_min(self.config.segment_write_bytes);
             if partial > 0 {
-                let mut buffer = self.disk.alloc_buffer(self.config.segment_write_bytes.max(BLOCK_BYTES));
+                let mut buffer = self.disk.alloc_buffer(tail_bytes);
                 let bytes =
                     file.read_at(tail_start, partial).await.map_err(|e| StorageError::io(IoOp::Read, &path, e))?;
                 buffer.as_bytes_mut()[..partial].copy_from_slice(&bytes);
@@ -320,6 +321,7 @@ impl<D: Disk> Inner<D> {
                 write_offset: valid_end,
                 tail_start,
                 tail,
+                tail_bytes,
                 unwritten: Default::default(),
                 last_lsn,
                 // Made durable by the checkpoint that ends recovery.

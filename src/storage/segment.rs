@@ -42,6 +42,18 @@ pub(crate) fn slot_id(slot: usize) -> u16 {
     u16::try_from(slot).expect("a partition holds at most 65536 segments")
 }
 
+/// Smallest tail buffer. A shard holds a tail for each partition it
+/// writes, and most partitions append far less than a write unit between
+/// two flushes (`none` mode flushes every `flush_interval_ms`): a full-size
+/// tail for each of them was 256 MiB per shard and, allocated afresh after
+/// every flush, a page fault and a zeroed huge page each time.
+const TAIL_BYTES_MIN: usize = 8 * BLOCK_BYTES;
+
+/// The first tail of a segment: the smallest, unless the write unit is smaller.
+pub(crate) fn tail_bytes_min(write_unit_bytes: usize) -> usize {
+    TAIL_BYTES_MIN.min(write_unit_bytes)
+}
+
 /// One segment file of a partition.
 pub(crate) struct SegmentState<D: Disk> {
     pub id: u64,
@@ -110,6 +122,11 @@ pub(crate) struct SegmentBuffer<D: Disk> {
     /// Segment offset of `tail[0]`; a block boundary.
     pub tail_start: u64,
     pub tail: Option<D::Buffer>,
+    /// Size of the next tail buffer: it doubles (up to the write unit) each
+    /// time a tail fills up, and halves (down to `tail_bytes_min`) each time
+    /// a flush finds the tail less than a quarter used, so that a busy
+    /// partition writes large units and an idle one holds little memory.
+    pub tail_bytes: usize,
     /// Whole blocks cut from the tail and not yet written, in offset order.
     pub unwritten: VecDeque<(u64, Rc<D::Buffer>)>,
     pub last_lsn: u64,
@@ -165,7 +182,7 @@ impl<D: Disk> SegmentBuffer<D> {
         let mut old = self.tail.take().expect("non-empty tail");
         let rest = used - cut;
         if rest > 0 {
-            let mut fresh = disk.alloc_buffer(old.len().max(align_up(rest, BLOCK_BYTES)));
+            let mut fresh = disk.alloc_buffer(self.tail_bytes.max(align_up(rest, BLOCK_BYTES)));
             fresh.as_bytes_mut()[..rest].copy_from_slice(&old.as_bytes()[cut..used]);
             self.tail = Some(fresh);
         }
@@ -180,13 +197,17 @@ impl<D: Disk> SegmentBuffer<D> {
         if self.tail_used() + len <= capacity {
             return;
         }
+        if capacity > 0 {
+            // A tail filled up between flushes: this partition is busy.
+            self.tail_bytes = (capacity * 2).min(write_unit_bytes).max(self.tail_bytes);
+        }
         self.cut(disk, false);
         let used = self.tail_used();
         let capacity = self.tail.as_ref().map_or(0, |t| t.len());
         if used + len <= capacity {
             return;
         }
-        let mut fresh = disk.alloc_buffer(write_unit_bytes.max(align_up(used + len, BLOCK_BYTES)));
+        let mut fresh = disk.alloc_buffer(self.tail_bytes.max(align_up(used + len, BLOCK_BYTES)));
         if let Some(old) = &self.tail {
             fresh.as_bytes_mut()[..used].copy_from_slice(&old.as_bytes()[..used]);
         }
@@ -212,6 +233,18 @@ impl<D: Disk> SegmentBuffer<D> {
             self.push(disk, write_unit_bytes, len, |out| encode_pad(out, partition, lsn));
         }
         len
+    }
+
+    /// Pads the tail and cuts all of it for writing (a flush, a seal, a
+    /// close); returns the bytes of padding added.
+    fn cut_all(&mut self, disk: &D, write_unit_bytes: usize, partition: u32) -> usize {
+        let capacity = self.tail.as_ref().map_or(0, |t| t.len());
+        if self.tail_used() * 4 < capacity {
+            self.tail_bytes = (self.tail_bytes / 2).max(tail_bytes_min(write_unit_bytes));
+        }
+        let padding = self.pad(disk, write_unit_bytes, partition);
+        self.cut(disk, true);
+        padding
     }
 
     fn has_unwritten(&self) -> bool {
@@ -292,7 +325,9 @@ impl<D: Disk> PartitionState<D> {
         let id = self.next_segment_id;
         self.next_segment_id += 1;
         let slot = slot_id(self.segments.insert(SegmentState::new(id, SegmentKind::Appended)));
-        let mut tail = inner.disk.alloc_buffer(inner.config.segment_write_bytes.max(2 * BLOCK_BYTES));
+        let tail_bytes = tail_bytes_min(inner.config.segment_write_bytes);
+        // The header block and room for at least one more.
+        let mut tail = inner.disk.alloc_buffer(tail_bytes.max(2 * BLOCK_BYTES));
         let header = SegmentHeader {
             kind: SegmentKind::Appended,
             partition: self.id,
@@ -306,6 +341,7 @@ impl<D: Disk> PartitionState<D> {
             write_offset: FILE_HEADER_BYTES as u64,
             tail_start: 0,
             tail: Some(tail),
+            tail_bytes,
             unwritten: VecDeque::new(),
             last_lsn: 0,
             synced_offset: 0,
@@ -567,8 +603,7 @@ impl<D: Disk> Inner<D> {
                 let st = &mut *st;
                 let part = st.partitions.get_mut(&partition).expect("flushed partition exists");
                 let Some(retired) = part.sealing.front_mut() else { break };
-                st.buffered_bytes += retired.pad(&self.disk, self.config.segment_write_bytes, partition);
-                retired.cut(&self.disk, true);
+                st.buffered_bytes += retired.cut_all(&self.disk, self.config.segment_write_bytes, partition);
                 let (slot, end) = (retired.slot, retired.write_offset);
                 st.partitions.get_mut(&partition).expect("partition").segments[slot as usize].data_end = end;
                 slot
@@ -603,8 +638,7 @@ impl<D: Disk> Inner<D> {
             let interval_due = self.config.sync_mode == SyncMode::None
                 && active.dirty_since.is_some_and(|t| t + Duration::from_millis(self.config.flush_interval_ms) <= now);
             let action = if sync || closing || interval_due {
-                st.buffered_bytes += active.pad(&self.disk, self.config.segment_write_bytes, partition);
-                active.cut(&self.disk, true);
+                st.buffered_bytes += active.cut_all(&self.disk, self.config.segment_write_bytes, partition);
                 active.dirty_since = None;
                 part.segments[active.slot as usize].data_end = active.write_offset;
                 ActiveAction::WriteAll { sync_lsn: sync.then_some((part.max_lsn, active.write_offset)) }
@@ -1022,4 +1056,77 @@ pub(crate) fn check_segment_header(
         });
     }
     Ok(header)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::sim_disk::SimDisk;
+
+    fn buffer(tail_bytes: usize) -> SegmentBuffer<SimDisk> {
+        SegmentBuffer {
+            slot: 0,
+            write_offset: 0,
+            tail_start: 0,
+            tail: None,
+            tail_bytes,
+            unwritten: VecDeque::new(),
+            last_lsn: 0,
+            synced_offset: 0,
+            dirty_since: None,
+        }
+    }
+
+    fn capacity(buffer: &SegmentBuffer<SimDisk>) -> usize {
+        buffer.tail.as_ref().map_or(0, |t| t.len())
+    }
+
+    #[test]
+    fn a_busy_partition_grows_its_tail_to_the_write_unit_and_an_idle_one_shrinks_it() {
+        let disk = SimDisk::new();
+        let write_unit = 1 << 20;
+        let mut segment = buffer(tail_bytes_min(write_unit));
+        // Record lengths are multiples of 16 (`RECORD_ALIGN_BYTES`).
+        let record = 1008;
+        segment.push(&disk, write_unit, record, |out| out.fill(1));
+        assert_eq!(capacity(&segment), TAIL_BYTES_MIN);
+        // Filling tail after tail doubles each new one, up to the write unit.
+        let mut sizes = vec![capacity(&segment)];
+        while segment.write_offset < 8 * write_unit as u64 {
+            segment.push(&disk, write_unit, record, |out| out.fill(1));
+            if capacity(&segment) != *sizes.last().expect("one") {
+                sizes.push(capacity(&segment));
+            }
+        }
+        assert_eq!(sizes, [32 << 10, 64 << 10, 128 << 10, 256 << 10, 512 << 10, 1 << 20]);
+        // The cut blocks are whole blocks, in order, with no gaps.
+        let mut next = 0;
+        for (start, cut) in &segment.unwritten {
+            assert_eq!(*start, next);
+            assert_eq!(cut.len() % BLOCK_BYTES, 0);
+            next += cut.len() as u64;
+        }
+        assert_eq!(next, segment.tail_start);
+        // Flushes that find the tail barely used halve the next one, down
+        // to the minimum.
+        for _ in 0..10 {
+            segment.push(&disk, write_unit, record, |out| out.fill(1));
+            segment.cut_all(&disk, write_unit, 7);
+            assert!(segment.tail.is_none(), "a flush writes the whole tail");
+            assert_eq!(segment.write_offset % BLOCK_BYTES as u64, 0, "padded to a block");
+        }
+        segment.push(&disk, write_unit, record, |out| out.fill(1));
+        assert_eq!(capacity(&segment), TAIL_BYTES_MIN);
+    }
+
+    #[test]
+    fn a_write_unit_below_the_minimum_tail_bounds_it() {
+        let disk = SimDisk::new();
+        let mut segment = buffer(tail_bytes_min(BLOCK_BYTES));
+        for _ in 0..20 {
+            segment.push(&disk, BLOCK_BYTES, 1008, |out| out.fill(1));
+            // A block, or two when a record straddles the boundary.
+            assert!(capacity(&segment) <= 2 * BLOCK_BYTES, "tail of {} bytes", capacity(&segment));
+        }
+    }
 }
