@@ -117,10 +117,11 @@ fn now_ms() -> u64 {
 }
 
 /// What a write does to a key's version set.
-enum WriteKind {
+enum WriteKind<'a> {
     /// A value (or tombstone) under a context; no context: supersede
-    /// everything this node holds.
-    Value { context: Option<Context>, value: Sibling },
+    /// everything this node holds. The value stays in the request buffer
+    /// until the new version set is built (one copy, not two).
+    Value { context: Option<Context>, value: &'a [u8], tombstone: bool },
     /// A tombstone superseding everything, only if a live value exists.
     DeleteIfLive,
 }
@@ -206,7 +207,7 @@ enum Op<'a> {
     Ping(&'a [u8]),
     Status,
     Read { key: &'a [u8], kind: ReadKind },
-    Write { key: &'a [u8], kind: WriteKind, reply: WriteReply },
+    Write { key: &'a [u8], kind: WriteKind<'a>, reply: WriteReply },
 }
 
 impl<'a> Op<'a> {
@@ -335,14 +336,14 @@ impl Shard {
     }
 
     /// Rejects a write over the limits before anything else happens.
-    fn check_write(&self, key: &[u8], kind: &WriteKind) -> Result<(), Fail> {
+    fn check_write(&self, key: &[u8], kind: &WriteKind<'_>) -> Result<(), Fail> {
         self.check_key(key)?;
-        if let WriteKind::Value { value, .. } = kind {
-            if !value.tombstone && value.value.len() > self.config.node.value_bytes_max {
+        if let WriteKind::Value { value, tombstone: false, .. } = kind {
+            if value.len() > self.config.node.value_bytes_max {
                 let limit = self.config.node.value_bytes_max;
                 return Err(Fail::new(
                     Status::ValueTooLarge,
-                    format!("value of {} bytes is over the limit of {limit}", value.value.len()),
+                    format!("value of {} bytes is over the limit of {limit}", value.len()),
                 ));
             }
         }
@@ -406,7 +407,7 @@ impl Shard {
         partition: u32,
         key: &[u8],
         hash: u64,
-        kind: &WriteKind,
+        kind: &WriteKind<'_>,
         base: Option<&[u8]>,
         reply: WriteReply,
     ) -> Result<Attempt<'_>, Fail> {
@@ -422,15 +423,20 @@ impl Shard {
                 encoding::with_view(bytes, |view| view.overwrite(tombstone, self.actor)).map_err(unreadable)?
             }
             (None, WriteKind::DeleteIfLive) => return Ok(Attempt::Nothing),
-            (None, WriteKind::Value { context, value }) => {
-                VersionSet::write(None, &context.clone().unwrap_or_default(), value.clone(), self.actor)
-            }
-            (Some(bytes), WriteKind::Value { context: None, value }) => {
-                encoding::with_view(bytes, |view| view.overwrite(value.clone(), self.actor)).map_err(unreadable)?
-            }
-            (Some(bytes), WriteKind::Value { context: Some(context), value }) => {
-                let set = encoding::decode(bytes).map_err(unreadable)?;
-                VersionSet::write(Some(&set), context, value.clone(), self.actor)
+            (base, WriteKind::Value { context, value, tombstone }) => {
+                let value = Sibling { value: value.to_vec(), tombstone: *tombstone, written_ms: now_ms() };
+                match (base, context) {
+                    (None, context) => {
+                        VersionSet::write(None, context.as_ref().unwrap_or(&Context::default()), value, self.actor)
+                    }
+                    (Some(bytes), None) => {
+                        encoding::with_view(bytes, |view| view.overwrite(value, self.actor)).map_err(unreadable)?
+                    }
+                    (Some(bytes), Some(context)) => {
+                        let set = encoding::decode(bytes).map_err(unreadable)?;
+                        VersionSet::write(Some(&set), context, value, self.actor)
+                    }
+                }
             }
         };
         if next.len() > self.config.node.siblings_max {
@@ -524,7 +530,7 @@ impl Shard {
     /// Read-modify-write of a key's version set under its stripe lock;
     /// gives the new context if `reply` needs it, `None` when a delete
     /// found nothing live to delete.
-    async fn write(&self, key: &[u8], kind: WriteKind, reply: WriteReply) -> Result<Option<Vec<u8>>, Fail> {
+    async fn write(&self, key: &[u8], kind: WriteKind<'_>, reply: WriteReply) -> Result<Option<Vec<u8>>, Fail> {
         self.check_write(key, &kind)?;
         let partition = self.partition(key);
         let hash = key_hash(key);
@@ -547,7 +553,7 @@ impl Shard {
     /// `write` up to the point of waiting for durability, if nothing else
     /// needs waiting for (the lock, a pending write of an older batch, the
     /// disk, room in the batch); `None` otherwise.
-    fn write_now(&self, key: &[u8], kind: &WriteKind, reply: WriteReply) -> Option<Result<Attempt<'_>, Fail>> {
+    fn write_now(&self, key: &[u8], kind: &WriteKind<'_>, reply: WriteReply) -> Option<Result<Attempt<'_>, Fail>> {
         if let Err(fail) = self.check_write(key, kind) {
             return Some(Err(fail));
         }
@@ -573,7 +579,6 @@ impl Shard {
             _ => {}
         }
         let request = decode_request(opcode, body).map_err(|e| Fail::new(e.status(), e.message()))?;
-        let value = |bytes: &[u8], tombstone: bool| Sibling { value: bytes.to_vec(), tombstone, written_ms: now_ms() };
         Ok(match request {
             Request::Ping(b) => Op::Ping(b),
             Request::Status => Op::Status,
@@ -581,17 +586,17 @@ impl Shard {
             // A delete is a put of a tombstone; both reply with the new context.
             Request::Put { key, context, value: v } => Op::Write {
                 key,
-                kind: WriteKind::Value { context: Some(self.context(context)?), value: value(v, false) },
+                kind: WriteKind::Value { context: Some(self.context(context)?), value: v, tombstone: false },
                 reply: WriteReply::Context,
             },
             Request::Delete { key, context } => Op::Write {
                 key,
-                kind: WriteKind::Value { context: Some(self.context(context)?), value: value(&[], true) },
+                kind: WriteKind::Value { context: Some(self.context(context)?), value: &[], tombstone: true },
                 reply: WriteReply::Context,
             },
             Request::Overwrite { key, value: v } => Op::Write {
                 key,
-                kind: WriteKind::Value { context: None, value: value(v, false) },
+                kind: WriteKind::Value { context: None, value: v, tombstone: false },
                 reply: WriteReply::Empty,
             },
             Request::DeleteAll { key } => Op::Write { key, kind: WriteKind::DeleteIfLive, reply: WriteReply::Deleted },
@@ -655,6 +660,29 @@ impl Shard {
                 let written = self.write(key, kind, reply).await?;
                 Ok(reply.write(written.as_deref(), out))
             }
+        }
+    }
+
+    /// `execute` when writes do not wait for an fdatasync (`none`,
+    /// `interval`): synchronously when nothing needs waiting for (the
+    /// usual case, a cached or indexed key), which costs no future per
+    /// operation and no lock round trip; otherwise the general path.
+    async fn execute_unsynced(&self, opcode: u8, body: &[u8], out: &mut Vec<u8>) -> Status {
+        #[cfg(debug_assertions)]
+        self.inject_fault(opcode, body);
+        let op = match self.prepare(opcode, body) {
+            Ok(op) => op,
+            Err(fail) => return fail.reply(out),
+        };
+        let key = op.key();
+        match self.execute_now(op, out) {
+            Now::Done(status) => status,
+            Now::Write { enqueued, reply } => match self.finish(key.expect("writes have keys"), enqueued).await {
+                Ok(context) => reply.write(Some(&context), out),
+                Err(fail) => fail.reply(out),
+            },
+            // Nothing was done: the general path starts over.
+            Now::Later => self.execute(opcode, body, out).await,
         }
     }
 
@@ -747,7 +775,7 @@ impl Shard {
             let mut out = Vec::with_capacity(body.len() + 64);
             for (opcode, op_body) in batch::requests(body).map_while(Result::ok) {
                 let at = batch::begin_response(&mut out, opcode);
-                let status = self.execute(opcode, op_body, &mut out).await;
+                let status = self.execute_unsynced(opcode, op_body, &mut out).await;
                 batch::end_response(&mut out, at, status as u8);
             }
             return out;
