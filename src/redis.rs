@@ -96,7 +96,7 @@ impl Turn {
 
     fn key_op(&mut self, shard: &Shard, opcode: u8, key: &[u8], body: impl FnOnce(&mut Vec<u8>)) -> usize {
         let op = self.dispatch.len();
-        self.dispatch.push(shard.owner(key), opcode, body);
+        self.dispatch.push(shard.route(key), opcode, body);
         op
     }
 }

@@ -22,7 +22,7 @@ use glommio::net::{TcpListener, TcpStream};
 
 use crate::protocol::frame::{self, FrameError, Opcode, Status, HEADER_BYTES};
 use crate::protocol::messages::{batch, decode_request, Request};
-use crate::shard::{client_opcode_allowed, Dispatch, Shard};
+use crate::shard::{client_opcode_allowed, Dispatch, Route, Shard};
 
 /// Which protocol a listener speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -246,14 +246,14 @@ struct Fatal {
     message: String,
 }
 
-fn route(shard: &Shard, request: &Request<'_>) -> u32 {
+fn route(shard: &Shard, request: &Request<'_>) -> Route {
     match request {
         Request::Get { key }
         | Request::Put { key, .. }
         | Request::Delete { key, .. }
         | Request::Overwrite { key, .. }
-        | Request::DeleteAll { key } => shard.owner(key),
-        _ => shard.index,
+        | Request::DeleteAll { key } => shard.route(key),
+        _ => shard.here(),
     }
 }
 

@@ -55,9 +55,26 @@ pub mod internal {
 /// A batch of requests from another shard, and where to send the replies.
 pub struct PeerMessage {
     pub body: Vec<u8>,
-    /// The request buffer comes back with the replies, for reuse.
-    pub reply: oneshot::Sender<(Vec<u8>, Vec<u8>)>,
+    /// Each operation's partition, as routed (see `Route`).
+    pub partitions: Vec<u32>,
+    /// The request buffers come back with the replies, for reuse.
+    pub reply: oneshot::Sender<BatchDone>,
 }
+
+/// A batch's request buffers (for reuse) and its replies.
+pub type BatchDone = (Vec<u8>, Vec<u32>, Vec<u8>);
+
+/// Where an operation runs: the owning shard, and the partition its key
+/// hashes to (SHA-1 of the key, computed once by the router and carried
+/// with the operation; `NO_PARTITION` for operations without a key).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub shard: u32,
+    pub partition: u32,
+}
+
+/// The partition of an operation that has no key.
+pub const NO_PARTITION: u32 = u32::MAX;
 
 const LOCK_STRIPES: usize = 256;
 
@@ -206,8 +223,8 @@ impl WriteReply {
 enum Op<'a> {
     Ping(&'a [u8]),
     Status,
-    Read { key: &'a [u8], kind: ReadKind },
-    Write { key: &'a [u8], kind: WriteKind<'a>, reply: WriteReply },
+    Read { key: &'a [u8], partition: u32, kind: ReadKind },
+    Write { key: &'a [u8], partition: u32, kind: WriteKind<'a>, reply: WriteReply },
 }
 
 impl<'a> Op<'a> {
@@ -253,7 +270,7 @@ enum Now<'a> {
 /// `Shard::execute_batch_group`).
 enum Plan<'s, 'b> {
     Write { enqueued: Enqueued<'s>, reply: WriteReply, key: Option<&'b [u8]> },
-    Later { opcode: u8, body: &'b [u8], key: Option<&'b [u8]> },
+    Later { opcode: u8, body: &'b [u8], partition: u32, key: Option<&'b [u8]> },
 }
 
 impl<'b> Plan<'_, 'b> {
@@ -311,9 +328,15 @@ impl Shard {
         partition_of(key, self.partition_count)
     }
 
-    /// The shard of this node that owns `key`.
-    pub fn owner(&self, key: &[u8]) -> u32 {
-        shard_of(self.partition(key), self.shard_count)
+    /// Where an operation on `key` runs.
+    pub fn route(&self, key: &[u8]) -> Route {
+        let partition = self.partition(key);
+        Route { shard: shard_of(partition, self.shard_count), partition }
+    }
+
+    /// Where an operation without a key runs: here.
+    pub fn here(&self) -> Route {
+        Route { shard: self.index, partition: NO_PARTITION }
     }
 
     fn check_key(&self, key: &[u8]) -> Result<(), Fail> {
@@ -530,9 +553,14 @@ impl Shard {
     /// Read-modify-write of a key's version set under its stripe lock;
     /// gives the new context if `reply` needs it, `None` when a delete
     /// found nothing live to delete.
-    async fn write(&self, key: &[u8], kind: WriteKind<'_>, reply: WriteReply) -> Result<Option<Vec<u8>>, Fail> {
+    async fn write(
+        &self,
+        key: &[u8],
+        partition: u32,
+        kind: WriteKind<'_>,
+        reply: WriteReply,
+    ) -> Result<Option<Vec<u8>>, Fail> {
         self.check_write(key, &kind)?;
-        let partition = self.partition(key);
         let hash = key_hash(key);
         let guard = self.lock_of(hash).lock().await;
         loop {
@@ -553,11 +581,16 @@ impl Shard {
     /// `write` up to the point of waiting for durability, if nothing else
     /// needs waiting for (the lock, a pending write of an older batch, the
     /// disk, room in the batch); `None` otherwise.
-    fn write_now(&self, key: &[u8], kind: &WriteKind<'_>, reply: WriteReply) -> Option<Result<Attempt<'_>, Fail>> {
+    fn write_now(
+        &self,
+        key: &[u8],
+        partition: u32,
+        kind: &WriteKind<'_>,
+        reply: WriteReply,
+    ) -> Option<Result<Attempt<'_>, Fail>> {
         if let Err(fail) = self.check_write(key, kind) {
             return Some(Err(fail));
         }
-        let partition = self.partition(key);
         let hash = key_hash(key);
         let _guard = self.lock_of(hash).try_lock()?;
         let base = self.write_base_now(partition, key, hash)?;
@@ -567,11 +600,15 @@ impl Shard {
         }
     }
 
-    /// Decodes and checks one operation.
-    fn prepare<'a>(&self, opcode: u8, body: &'a [u8]) -> Result<Op<'a>, Fail> {
+    /// Decodes and checks one operation, routed to `partition` (see `Route`).
+    fn prepare<'a>(&self, opcode: u8, body: &'a [u8], partition: u32) -> Result<Op<'a>, Fail> {
+        let routed = |key: &[u8]| {
+            debug_assert_eq!(partition, self.partition(key), "an operation routed to another partition");
+            partition
+        };
         let read = |key: &'a [u8], kind: ReadKind| -> Result<Op<'a>, Fail> {
             self.check_key(key)?;
-            Ok(Op::Read { key, kind })
+            Ok(Op::Read { key, partition: routed(key), kind })
         };
         match opcode {
             internal::GET_LATEST => return read(body, ReadKind::Latest),
@@ -586,20 +623,25 @@ impl Shard {
             // A delete is a put of a tombstone; both reply with the new context.
             Request::Put { key, context, value: v } => Op::Write {
                 key,
+                partition: routed(key),
                 kind: WriteKind::Value { context: Some(self.context(context)?), value: v, tombstone: false },
                 reply: WriteReply::Context,
             },
             Request::Delete { key, context } => Op::Write {
                 key,
+                partition: routed(key),
                 kind: WriteKind::Value { context: Some(self.context(context)?), value: &[], tombstone: true },
                 reply: WriteReply::Context,
             },
             Request::Overwrite { key, value: v } => Op::Write {
                 key,
+                partition: routed(key),
                 kind: WriteKind::Value { context: None, value: v, tombstone: false },
                 reply: WriteReply::Empty,
             },
-            Request::DeleteAll { key } => Op::Write { key, kind: WriteKind::DeleteIfLive, reply: WriteReply::Deleted },
+            Request::DeleteAll { key } => {
+                Op::Write { key, partition: routed(key), kind: WriteKind::DeleteIfLive, reply: WriteReply::Deleted }
+            }
             Request::Batch(_) => return Err(Fail::new(Status::BadRequest, "batches do not nest")),
         })
     }
@@ -641,23 +683,23 @@ impl Shard {
 
     /// Executes one operation owned by this shard, appending its reply body
     /// to `out`.
-    pub async fn execute(&self, opcode: u8, body: &[u8], out: &mut Vec<u8>) -> Status {
-        self.execute_inner(opcode, body, out).await.unwrap_or_else(|fail| fail.reply(out))
+    pub async fn execute(&self, opcode: u8, body: &[u8], partition: u32, out: &mut Vec<u8>) -> Status {
+        self.execute_inner(opcode, body, partition, out).await.unwrap_or_else(|fail| fail.reply(out))
     }
 
-    async fn execute_inner(&self, opcode: u8, body: &[u8], out: &mut Vec<u8>) -> Result<Status, Fail> {
+    async fn execute_inner(&self, opcode: u8, body: &[u8], partition: u32, out: &mut Vec<u8>) -> Result<Status, Fail> {
         self.stats.borrow_mut().requests += 1;
         #[cfg(debug_assertions)]
         self.inject_fault(opcode, body);
-        match self.prepare(opcode, body)? {
+        match self.prepare(opcode, body, partition)? {
             Op::Ping(b) => Ok(self.answer_ping(b, out)),
             Op::Status => Ok(self.answer_status(out)),
-            Op::Read { key, kind } => {
-                let bytes = self.read_raw(self.partition(key), key).await?;
+            Op::Read { key, partition, kind } => {
+                let bytes = self.read_raw(partition, key).await?;
                 self.read_reply(kind, bytes, out)
             }
-            Op::Write { key, kind, reply } => {
-                let written = self.write(key, kind, reply).await?;
+            Op::Write { key, partition, kind, reply } => {
+                let written = self.write(key, partition, kind, reply).await?;
                 Ok(reply.write(written.as_deref(), out))
             }
         }
@@ -667,10 +709,10 @@ impl Shard {
     /// `interval`): synchronously when nothing needs waiting for (the
     /// usual case, a cached or indexed key), which costs no future per
     /// operation and no lock round trip; otherwise the general path.
-    async fn execute_unsynced(&self, opcode: u8, body: &[u8], out: &mut Vec<u8>) -> Status {
+    async fn execute_unsynced(&self, opcode: u8, body: &[u8], partition: u32, out: &mut Vec<u8>) -> Status {
         #[cfg(debug_assertions)]
         self.inject_fault(opcode, body);
-        let op = match self.prepare(opcode, body) {
+        let op = match self.prepare(opcode, body, partition) {
             Ok(op) => op,
             Err(fail) => return fail.reply(out),
         };
@@ -682,7 +724,7 @@ impl Shard {
                 Err(fail) => fail.reply(out),
             },
             // Nothing was done: the general path starts over.
-            Now::Later => self.execute(opcode, body, out).await,
+            Now::Later => self.execute(opcode, body, partition, out).await,
         }
     }
 
@@ -692,11 +734,11 @@ impl Shard {
         let now = match op {
             Op::Ping(b) => Now::Done(self.answer_ping(b, out)),
             Op::Status => Now::Done(self.answer_status(out)),
-            Op::Read { key, kind } => match self.store.get_now(self.partition(key), key) {
+            Op::Read { key, partition, kind } => match self.store.get_now(partition, key) {
                 Some(bytes) => Now::Done(self.read_reply(kind, bytes, out).unwrap_or_else(|fail| fail.reply(out))),
                 None => return Now::Later,
             },
-            Op::Write { key, kind, reply } => match self.write_now(key, &kind, reply) {
+            Op::Write { key, partition, kind, reply } => match self.write_now(key, partition, &kind, reply) {
                 None => return Now::Later,
                 Some(Err(fail)) => Now::Done(fail.reply(out)),
                 Some(Ok(Attempt::Enqueued(enqueued))) => Now::Write { enqueued, reply },
@@ -767,20 +809,22 @@ impl Shard {
     /// Executes a batch of operations owned by this shard; replies in
     /// order, and the effects are those of running the operations one
     /// after another (a pipelined GET after a SET of the same key sees it).
-    pub async fn execute_batch(&self, body: &[u8]) -> Vec<u8> {
+    /// `partitions` holds each operation's partition as routed.
+    pub async fn execute_batch(&self, body: &[u8], partitions: &[u32]) -> Vec<u8> {
+        debug_assert_eq!(batch::requests(body).map_while(Result::ok).count(), partitions.len());
         if self.config.storage.sync_mode != crate::config::SyncMode::Group {
             // Writes are applied when queued and never wait for the disk:
             // one after another is as fast and allocates nothing per
             // operation (only a read missing every cache waits).
             let mut out = Vec::with_capacity(body.len() + 64);
-            for (opcode, op_body) in batch::requests(body).map_while(Result::ok) {
+            for ((opcode, op_body), &partition) in batch::requests(body).map_while(Result::ok).zip(partitions) {
                 let at = batch::begin_response(&mut out, opcode);
-                let status = self.execute_unsynced(opcode, op_body, &mut out).await;
+                let status = self.execute_unsynced(opcode, op_body, partition, &mut out).await;
                 batch::end_response(&mut out, at, status as u8);
             }
             return out;
         }
-        self.execute_batch_group(body).await
+        self.execute_batch_group(body, partitions).await
     }
 
     /// `execute_batch` in `group` mode, where writes wait for an fdatasync
@@ -795,7 +839,7 @@ impl Shard {
     /// awaited while deferred operations run, concurrently across keys and
     /// in order within a key. A batch costs a handful of allocations, none
     /// per operation, and its writes share commit batches.
-    async fn execute_batch_group(&self, body: &[u8]) -> Vec<u8> {
+    async fn execute_batch_group(&self, body: &[u8], partitions: &[u32]) -> Vec<u8> {
         let count = batch::requests(body).map_while(Result::ok).count();
         // Reply bytes of every operation, in completion order.
         let replies = RefCell::new(Vec::with_capacity(count * 8));
@@ -803,7 +847,9 @@ impl Shard {
         let answers = RefCell::new(vec![(0u8, Status::Internal, 0..0); count]);
         let mut plans: Vec<Option<Plan<'_, '_>>> = Vec::with_capacity(count);
         let mut touched: std::collections::HashMap<&[u8], Touched> = std::collections::HashMap::new();
-        for (i, (opcode, op_body)) in batch::requests(body).map_while(Result::ok).enumerate() {
+        for (i, ((opcode, op_body), &partition)) in
+            batch::requests(body).map_while(Result::ok).zip(partitions).enumerate()
+        {
             #[cfg(debug_assertions)]
             self.inject_fault(opcode, op_body);
             answers.borrow_mut()[i].0 = opcode;
@@ -814,7 +860,7 @@ impl Shard {
                 answers[i].1 = status;
                 answers[i].2 = start..out.len();
             };
-            let op = match self.prepare(opcode, op_body) {
+            let op = match self.prepare(opcode, op_body, partition) {
                 Ok(op) => op,
                 Err(fail) => {
                     let status = fail.reply(&mut out);
@@ -827,7 +873,7 @@ impl Shard {
             let seen = key.and_then(|k| touched.get(k)).copied().unwrap_or_default();
             let must_wait = seen.deferred || (seen.written && matches!(op, Op::Read { .. }));
             let plan = if must_wait {
-                Some(Plan::Later { opcode, body: op_body, key })
+                Some(Plan::Later { opcode, body: op_body, partition, key })
             } else {
                 match self.execute_now(op, &mut out) {
                     Now::Done(status) => {
@@ -835,7 +881,7 @@ impl Shard {
                         None
                     }
                     Now::Write { enqueued, reply } => Some(Plan::Write { enqueued, reply, key }),
-                    Now::Later => Some(Plan::Later { opcode, body: op_body, key }),
+                    Now::Later => Some(Plan::Later { opcode, body: op_body, partition, key }),
                 }
             };
             match (&plan, key) {
@@ -881,9 +927,9 @@ impl Shard {
                             };
                             (status, start..out.len())
                         }
-                        Plan::Later { opcode, body, .. } => {
+                        Plan::Later { opcode, body, partition, .. } => {
                             let mut own = Vec::new();
-                            let status = self.execute(opcode, body, &mut own).await;
+                            let status = self.execute(opcode, body, partition, &mut own).await;
                             let mut out = replies.borrow_mut();
                             let start = out.len();
                             out.extend_from_slice(&own);
@@ -912,14 +958,15 @@ impl Shard {
 
     /// Runs a batch on shard `target` (here, or one hop away); gives back
     /// the request buffer with the replies.
-    pub async fn run_batch(&self, target: u32, body: Vec<u8>) -> Result<(Vec<u8>, Vec<u8>), Status> {
+    pub async fn run_batch(&self, target: u32, body: Vec<u8>, partitions: Vec<u32>) -> Result<BatchDone, Status> {
         if target == self.index {
-            let out = self.execute_batch(&body).await;
-            return Ok((body, out));
+            let out = self.execute_batch(&body, &partitions).await;
+            return Ok((body, partitions, out));
         }
         self.stats.borrow_mut().forwarded_batches += 1;
         let (reply, response) = oneshot::channel();
-        self.peers[target as usize].send(PeerMessage { body, reply }).await.map_err(|_| Status::Unavailable)?;
+        let message = PeerMessage { body, partitions, reply };
+        self.peers[target as usize].send(message).await.map_err(|_| Status::Unavailable)?;
         response.await.map_err(|_| Status::Unavailable)
     }
 }
@@ -939,11 +986,11 @@ pub fn push_key_value(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
 
 /// Serves batches sent by other shards until the channel closes.
 pub async fn serve_peers(shard: Rc<Shard>, inbound: async_channel::Receiver<PeerMessage>) {
-    while let Ok(PeerMessage { body, reply }) = inbound.recv().await {
+    while let Ok(PeerMessage { body, partitions, reply }) = inbound.recv().await {
         let shard = shard.clone();
         crate::runtime::spawn_detached(async move {
-            let out = shard.execute_batch(&body).await;
-            let _ = reply.send((body, out));
+            let out = shard.execute_batch(&body, &partitions).await;
+            let _ = reply.send((body, partitions, out));
         });
     }
 }
@@ -954,6 +1001,8 @@ pub async fn serve_peers(shard: Rc<Shard>, inbound: async_channel::Receiver<Peer
 pub struct Dispatch {
     /// Per target shard (grown on first use, so a default is free).
     batches: Vec<Vec<u8>>,
+    /// Per target shard: each operation's partition.
+    partitions: Vec<Vec<u32>>,
     /// Target shard of each operation, in order.
     targets: Vec<u32>,
     /// Per operation: status and reply range into `responses[target]`.
@@ -970,11 +1019,14 @@ impl Dispatch {
         self.targets.is_empty()
     }
 
-    /// Adds an operation for `target`; `body` writes its request body.
-    pub fn push(&mut self, target: u32, opcode: u8, body: impl FnOnce(&mut Vec<u8>)) {
+    /// Adds an operation routed to `route`; `body` writes its request body.
+    pub fn push(&mut self, route: Route, opcode: u8, body: impl FnOnce(&mut Vec<u8>)) {
+        let target = route.shard;
         if self.batches.len() <= target as usize {
             self.batches.resize_with(target as usize + 1, Vec::new);
+            self.partitions.resize_with(target as usize + 1, Vec::new);
         }
+        self.partitions[target as usize].push(route.partition);
         let out = &mut self.batches[target as usize];
         out.push(opcode);
         let len_at = out.len();
@@ -987,17 +1039,18 @@ impl Dispatch {
 
     /// Runs every group; afterwards `reply(i)` gives operation i's outcome.
     pub async fn run(&mut self, shard: &Shard) {
-        let groups: Vec<(u32, Vec<u8>)> = self
+        let groups: Vec<(u32, Vec<u8>, Vec<u32>)> = self
             .batches
             .iter_mut()
+            .zip(&mut self.partitions)
             .enumerate()
-            .filter(|(_, b)| !b.is_empty())
-            .map(|(t, b)| (t as u32, std::mem::take(b)))
+            .filter(|(_, (b, _))| !b.is_empty())
+            .map(|(t, (b, p))| (t as u32, std::mem::take(b), std::mem::take(p)))
             .collect();
-        let results = futures::future::join_all(groups.into_iter().map(|(target, body)| async move {
-            let count = batch::requests(&body).count();
-            match shard.run_batch(target, body).await {
-                Ok((body, out)) => (target, body, out),
+        let results = futures::future::join_all(groups.into_iter().map(|(target, body, partitions)| async move {
+            let count = partitions.len();
+            match shard.run_batch(target, body, partitions).await {
+                Ok((body, partitions, out)) => (target, body, partitions, out),
                 Err(status) => {
                     // The target could not be reached: every operation sent
                     // there fails alike.
@@ -1007,7 +1060,7 @@ impl Dispatch {
                             o.extend_from_slice(b"shard unavailable")
                         });
                     }
-                    (target, Vec::new(), out)
+                    (target, Vec::new(), Vec::new(), out)
                 }
             }
         }))
@@ -1015,9 +1068,10 @@ impl Dispatch {
         if self.responses.len() < self.batches.len() {
             self.responses.resize_with(self.batches.len(), Vec::new);
         }
-        for (target, body, out) in results {
-            // The request buffer keeps its capacity for the next turn.
+        for (target, body, partitions, out) in results {
+            // The request buffers keep their capacity for the next turn.
             self.batches[target as usize] = body;
+            self.partitions[target as usize] = partitions;
             self.responses[target as usize] = out;
         }
         let mut cursors = vec![0usize; self.responses.len()];
@@ -1048,6 +1102,9 @@ impl Dispatch {
     pub fn clear(&mut self) {
         for b in &mut self.batches {
             b.clear();
+        }
+        for p in &mut self.partitions {
+            p.clear();
         }
         self.targets.clear();
         self.replies.clear();
