@@ -817,7 +817,30 @@ impl Shard {
             // one after another is as fast and allocates nothing per
             // operation (only a read missing every cache waits).
             let mut out = Vec::with_capacity(body.len() + 64);
-            for ((opcode, op_body), &partition) in batch::requests(body).map_while(Result::ok).zip(partitions) {
+            let ops: Vec<(u8, &[u8], u32)> = batch::requests(body)
+                .map_while(Result::ok)
+                .zip(partitions)
+                .map(|((opcode, op_body), &partition)| (opcode, op_body, partition))
+                .collect();
+            // Each operation's lookups are cache misses (a slot, then what
+            // it refers to): prefetch slots two operations ahead and their
+            // entries one ahead, so that they overlap with the work between.
+            let prefetch = |i: usize, entries: bool| {
+                let Some(&(opcode, op_body, partition)) = ops.get(i) else { return };
+                let Some((key, write)) = key_of(opcode, op_body) else { return };
+                let hash = key_hash(key);
+                if entries {
+                    self.store.prefetch_entries(partition, hash, write);
+                } else {
+                    self.store.prefetch_slots(partition, hash, write);
+                }
+            };
+            prefetch(0, false);
+            prefetch(1, false);
+            prefetch(0, true);
+            for (i, &(opcode, op_body, partition)) in ops.iter().enumerate() {
+                prefetch(i + 2, false);
+                prefetch(i + 1, true);
                 let at = batch::begin_response(&mut out, opcode);
                 let status = self.execute_unsynced(opcode, op_body, partition, &mut out).await;
                 batch::end_response(&mut out, at, status as u8);
@@ -968,6 +991,22 @@ impl Shard {
         let message = PeerMessage { body, partitions, reply };
         self.peers[target as usize].send(message).await.map_err(|_| Status::Unavailable)?;
         response.await.map_err(|_| Status::Unavailable)
+    }
+}
+
+/// The key of an operation, and whether it writes (`None`: no key, or a
+/// body `prepare` will refuse).
+fn key_of(opcode: u8, body: &[u8]) -> Option<(&[u8], bool)> {
+    match opcode {
+        internal::GET_LATEST | internal::EXISTS => Some((body, false)),
+        _ => match decode_request(opcode, body).ok()? {
+            Request::Get { key } => Some((key, false)),
+            Request::Put { key, .. }
+            | Request::Delete { key, .. }
+            | Request::Overwrite { key, .. }
+            | Request::DeleteAll { key } => Some((key, true)),
+            Request::Ping(_) | Request::Status | Request::Batch(_) => None,
+        },
     }
 }
 

@@ -356,6 +356,24 @@ impl ValueCache {
             prefetch(Rc::as_ptr(&victim.record).cast::<u8>().wrapping_sub(2 * std::mem::size_of::<usize>()));
         }
     }
+
+    /// Starts loading the slot where a lookup of `partition`'s key with
+    /// `hash` starts (see `ShardStore::prefetch_slots`).
+    pub fn prefetch_slot(&self, partition: u32, hash: u64) {
+        prefetch(&self.slots[self.home(Self::mix(partition, hash))]);
+    }
+
+    /// After `prefetch_slot`: starts loading the value in that slot, if its
+    /// tag matches (the key compare and the reply read it).
+    pub fn prefetch_value(&self, partition: u32, hash: u64) {
+        let mixed = Self::mix(partition, hash);
+        let slot = &self.slots[self.home(mixed)];
+        if slot.mixed == mixed {
+            if let Some(value) = &slot.value {
+                prefetch(Rc::as_ptr(&value.record).cast::<u8>());
+            }
+        }
+    }
 }
 
 /// `prefetch_insert` treats a cache this close to its byte budget as

@@ -120,6 +120,15 @@ impl KeyArena {
         &chunk[off + LEN_PREFIX_BYTES..off + LEN_PREFIX_BYTES + len]
     }
 
+    /// Starts loading the key at `key_ref` (a hint, see `probing::prefetch`).
+    fn prefetch(&self, key_ref: u32) {
+        if let Some(chunk) = self.chunks.get((key_ref >> CHUNK_OFFSET_BITS) as usize) {
+            if let Some(at) = chunk.get((key_ref as usize) & (CHUNK_BYTES_MAX - 1)) {
+                prefetch(at);
+            }
+        }
+    }
+
     fn push(&mut self, key: &[u8]) -> u32 {
         let need = LEN_PREFIX_BYTES + key.len();
         let fits = self.chunks.last().is_some_and(|c| c.capacity() - c.len() >= need);
@@ -209,6 +218,17 @@ impl<V: Copy> KeyIndex<V> {
     pub fn prefetch(&self, hash: u64) {
         if !self.slots.is_empty() {
             prefetch(&self.slots[hash as usize & self.mask()]);
+        }
+    }
+
+    /// After `prefetch` (once its line has had time to arrive): starts
+    /// loading the arena key of the home slot, if its tag matches, which
+    /// is what an update of an existing key compares against.
+    pub fn prefetch_key(&self, hash: u64) {
+        if let Some(slot) = self.slots.get(hash as usize & self.mask()) {
+            if !slot.is_free() && slot.tag == tag_of(hash) {
+                self.arena.prefetch(slot.key_ref);
+            }
         }
     }
 
