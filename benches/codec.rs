@@ -1,8 +1,11 @@
 //! Criterion benchmarks of the pure pieces on the storage hot path: record
-//! encode (copy + CRC), record parse (CRC check), index insert and lookup.
+//! encode (copy + CRC), record parse (CRC check), index insert and lookup,
+//! and the version-set work of a Redis SET and GET (validated view,
+//! overwrite, encode).
 //! These are the per-request costs DESIGN.md §5a budgets for.
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use ringkv::logic::dvv::{encoding, Sibling, VersionSet};
 use ringkv::storage::format::{encode_record, parse_record, record_len, RecordKind};
 use ringkv::storage::index::{KeyIndex, Location};
 
@@ -51,5 +54,28 @@ fn index(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, records, index);
+fn version_sets(c: &mut Criterion) {
+    let mut group = c.benchmark_group("version set");
+    let value = |byte: u8| Sibling { value: vec![byte; 100], tombstone: false, written_ms: 1 };
+    // A key written before by two actors, as a SET finds it.
+    let stored = VersionSet::write(None, &Default::default(), value(1), 7);
+    let stored = encoding::with_view(&encoding::encode(&stored), |v| v.overwrite(value(2), 9)).unwrap();
+    let bytes = encoding::encode(&stored);
+    let mut aligned = rkyv::util::AlignedVec::<16>::new();
+    aligned.extend_from_slice(&bytes);
+    group.bench_function("view + last written (GET)", |b| {
+        b.iter(|| encoding::with_view(black_box(&aligned), |v| v.last_written().map(|s| s.value.len())).unwrap())
+    });
+    let mut out = rkyv::util::AlignedVec::<16>::new();
+    group.bench_function("view + overwrite + encode (SET)", |b| {
+        b.iter(|| {
+            let next = encoding::with_view(black_box(&aligned), |v| v.overwrite(value(3), 9)).unwrap();
+            encoding::encode_into(&next, &mut out);
+            out.len()
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, records, index, version_sets);
 criterion_main!(benches);

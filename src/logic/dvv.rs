@@ -348,8 +348,15 @@ pub mod encoding {
     /// The archive must be 16-byte aligned: copy into an aligned buffer if
     /// it may not be (`decode` does).
     pub fn access(bytes: &[u8]) -> Result<&ArchivedVersionSet, DecodeError> {
-        let body = archive(bytes)?;
-        rkyv::access::<ArchivedVersionSet, rkyv::rancor::BoxedError>(body)
+        validate(archive(bytes)?)
+    }
+
+    /// Validates an aligned archive. A version set holds no shared
+    /// pointers, so rkyv's low-level validator (bounds, alignment, layout)
+    /// checks all there is, without the high-level one's shared-pointer
+    /// registry.
+    fn validate(body: &[u8]) -> Result<&ArchivedVersionSet, DecodeError> {
+        rkyv::api::low::access::<ArchivedVersionSet, rkyv::rancor::BoxedError>(body)
             .map_err(|e| DecodeError::Invalid(e.to_string()))
     }
 
@@ -375,8 +382,7 @@ pub mod encoding {
         }
         let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(body.len());
         aligned.extend_from_slice(body);
-        let archived = rkyv::access::<ArchivedVersionSet, rkyv::rancor::BoxedError>(&aligned)
-            .map_err(|e| DecodeError::Invalid(e.to_string()))?;
+        let archived = validate(&aligned)?;
         Ok(f(archived))
     }
 
@@ -385,8 +391,7 @@ pub mod encoding {
         let body = archive(bytes)?;
         let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(body.len());
         aligned.extend_from_slice(body);
-        let archived = rkyv::access::<ArchivedVersionSet, rkyv::rancor::BoxedError>(&aligned)
-            .map_err(|e| DecodeError::Invalid(e.to_string()))?;
+        let archived = validate(&aligned)?;
         rkyv::deserialize::<VersionSet, rkyv::rancor::BoxedError>(archived)
             .map_err(|e| DecodeError::Invalid(e.to_string()))
     }
@@ -521,6 +526,33 @@ mod tests {
         assert!(encoding::decode(&garbage).is_err());
         assert_eq!(Context::decode(&b.join().encode()), Some(b.join()));
         assert_eq!(Context::decode(&[1, 2, 3]), None);
+    }
+
+    /// Validation is what stands between stored or received bytes and a
+    /// view that follows their relative pointers: no corruption of a
+    /// pointer or length may yield a view that reads out of bounds.
+    #[test]
+    fn every_corrupted_byte_is_refused_or_reads_within_bounds() {
+        let a = VersionSet::write(None, &Context::default(), v("x"), 3);
+        let b = VersionSet::write(Some(&a), &Context::default(), v("yy"), 9);
+        let bytes = encoding::encode(&b);
+        let mut refused = 0;
+        for at in encoding::HEADER_BYTES..bytes.len() {
+            for bad in [0x00, 0x7f, 0xff] {
+                let mut corrupt = bytes.clone();
+                if corrupt[at] == bad {
+                    continue;
+                }
+                corrupt[at] = bad;
+                match encoding::with_view(&corrupt, |view| {
+                    view.archived_values().map(|(_, s)| s.value.len()).sum::<usize>()
+                }) {
+                    Ok(total) => assert!(total <= corrupt.len(), "byte {at} = {bad:#x}: a view past the end"),
+                    Err(_) => refused += 1,
+                }
+            }
+        }
+        assert!(refused > 0, "some corruptions must be refused");
     }
 
     /// A random history: replicas (actors) take client writes with contexts
