@@ -817,30 +817,9 @@ impl Shard {
             // one after another is as fast and allocates nothing per
             // operation (only a read missing every cache waits).
             let mut out = Vec::with_capacity(body.len() + 64);
-            let ops: Vec<(u8, &[u8], u32)> = batch::requests(body)
-                .map_while(Result::ok)
-                .zip(partitions)
-                .map(|((opcode, op_body), &partition)| (opcode, op_body, partition))
-                .collect();
-            // Each operation's lookups are cache misses (a slot, then what
-            // it refers to): prefetch slots two operations ahead and their
-            // entries one ahead, so that they overlap with the work between.
-            let prefetch = |i: usize, entries: bool| {
-                let Some(&(opcode, op_body, partition)) = ops.get(i) else { return };
-                let Some((key, write)) = key_of(opcode, op_body) else { return };
-                let hash = key_hash(key);
-                if entries {
-                    self.store.prefetch_entries(partition, hash, write);
-                } else {
-                    self.store.prefetch_slots(partition, hash, write);
-                }
-            };
-            prefetch(0, false);
-            prefetch(1, false);
-            prefetch(0, true);
+            let ops = batch_ops(body, partitions);
             for (i, &(opcode, op_body, partition)) in ops.iter().enumerate() {
-                prefetch(i + 2, false);
-                prefetch(i + 1, true);
+                self.prefetch_ahead(&ops, i);
                 let at = batch::begin_response(&mut out, opcode);
                 let status = self.execute_unsynced(opcode, op_body, partition, &mut out).await;
                 batch::end_response(&mut out, at, status as u8);
@@ -848,6 +827,30 @@ impl Shard {
             return out;
         }
         self.execute_batch_group(body, partitions).await
+    }
+
+    /// Before a batch's operation `i` runs. Each operation's lookups are
+    /// cache misses (a slot, then what it refers to): this prefetches the
+    /// slots of the operation two ahead and what the slots of the one ahead
+    /// refer to, so that the misses overlap with the work in between.
+    fn prefetch_ahead(&self, ops: &[BatchOp<'_>], i: usize) {
+        let stage = |j: usize, entries: bool| {
+            let Some(&(opcode, op_body, partition)) = ops.get(j) else { return };
+            let Some((key, write)) = key_of(opcode, op_body) else { return };
+            let hash = key_hash(key);
+            if entries {
+                self.store.prefetch_entries(partition, hash, write);
+            } else {
+                self.store.prefetch_slots(partition, hash, write);
+            }
+        };
+        if i == 0 {
+            stage(0, false);
+            stage(1, false);
+            stage(0, true);
+        }
+        stage(i + 2, false);
+        stage(i + 1, true);
     }
 
     /// `execute_batch` in `group` mode, where writes wait for an fdatasync
@@ -870,9 +873,9 @@ impl Shard {
         let answers = RefCell::new(vec![(0u8, Status::Internal, 0..0); count]);
         let mut plans: Vec<Option<Plan<'_, '_>>> = Vec::with_capacity(count);
         let mut touched: std::collections::HashMap<&[u8], Touched> = std::collections::HashMap::new();
-        for (i, ((opcode, op_body), &partition)) in
-            batch::requests(body).map_while(Result::ok).zip(partitions).enumerate()
-        {
+        let ops = batch_ops(body, partitions);
+        for (i, &(opcode, op_body, partition)) in ops.iter().enumerate() {
+            self.prefetch_ahead(&ops, i);
             #[cfg(debug_assertions)]
             self.inject_fault(opcode, op_body);
             answers.borrow_mut()[i].0 = opcode;
@@ -992,6 +995,17 @@ impl Shard {
         self.peers[target as usize].send(message).await.map_err(|_| Status::Unavailable)?;
         response.await.map_err(|_| Status::Unavailable)
     }
+}
+
+/// A batch's operation: opcode, body, partition (as routed).
+type BatchOp<'a> = (u8, &'a [u8], u32);
+
+fn batch_ops<'a>(body: &'a [u8], partitions: &[u32]) -> Vec<BatchOp<'a>> {
+    batch::requests(body)
+        .map_while(Result::ok)
+        .zip(partitions)
+        .map(|((opcode, op_body), &partition)| (opcode, op_body, partition))
+        .collect()
 }
 
 /// The key of an operation, and whether it writes (`None`: no key, or a
