@@ -4,7 +4,7 @@
 # filled with the same SET run, then redis-benchmark alternates between them
 # round by round. Prints each round and the median ratio B/A per test.
 # Usage: tools/redis-ab.sh BINARY_A BINARY_B
-#   env: SHARDS (1), SYNC (none), CACHE_MIB (1024), ROUNDS (3), REQUESTS (1000000), PIPELINE (16),
+#   env: SHARDS (1), SYNC (none), CACHE_MIB (1024), ROUNDS (3), REQUESTS (1000000), PIPELINE (16), KEYSPACE (1000000),
 #        ARGS_A, ARGS_B (extra `serve` flags per side, e.g. ARGS_B="--config tuned.toml" with one binary twice)
 #   To get a binary of the previous commit:
 #     git worktree add /tmp/base HEAD~1 && (cd /tmp/base && cargo build --release)
@@ -28,7 +28,7 @@ start() { # name binary client_port redis_port extra_args
 }
 start a "$a" 17760 16410 "${ARGS_A:-}"
 start b "$b" 17780 16411 "${ARGS_B:-}"
-bench() { redis-benchmark -p "$1" -t "$2" -n "$n" -r 1000000 -d 100 -c 50 -P "$pipe" --csv 2>/dev/null | tail -n +2; }
+bench() { redis-benchmark -p "$1" -t "$2" -n "$n" -r "${KEYSPACE:-1000000}" -d 100 -c 50 -P "$pipe" --csv 2>/dev/null | tail -n +2; }
 bench 16410 set >/dev/null; bench 16411 set >/dev/null
 : > "$work/results"
 for i in $(seq "$rounds"); do
