@@ -13,13 +13,16 @@
 //!
 //! A batch of operations has the effects of running them in order
 //! (`execute_batch`); in `group` mode it runs in two passes so that its
-//! writes share commit batches without one allocation per operation.
+//! writes share commit batches without one allocation per operation. Either
+//! way it prefetches the lookups of the next operations while one runs
+//! (`prefetch_ahead`).
 //!
 //! Routing works in turns: a connection parses everything it has received,
 //! and `Dispatch` groups the operations by owning shard: one batch runs
 //! here, every other one travels as one message over a bounded channel (so
 //! a cross-core hop is paid per batch, not per request), and the replies
-//! come back in request order.
+//! come back in request order. Each operation carries its partition as the
+//! router computed it (`Route`), so the key is hashed with SHA-1 once.
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
