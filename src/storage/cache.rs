@@ -538,6 +538,38 @@ mod tests {
 
     use super::*;
 
+    /// A budget that fills while the table grows: eviction then takes its
+    /// victims from the drain, and the cache stays within its budget and
+    /// right about every key.
+    #[test]
+    fn eviction_during_a_drain_keeps_the_budget_and_the_values() {
+        // Room for about 290 entries of ~84 bytes, and a table that could
+        // grow far beyond that: the budget fills while the drain after the
+        // doubling at 256 entries (to 1,024 slots) is under way.
+        let mut cache = ValueCache::new(24_500, 8);
+        let keys: Vec<Vec<u8>> = (0..3_000u32).map(|i| format!("k{i}").into_bytes()).collect();
+        let mut evicted_while_draining = 0;
+        for (n, key) in keys.iter().enumerate() {
+            let (len_before, draining) = (cache.len(), cache.drain_left > 0);
+            cache.insert(1, key_hash(key), key, &[n as u8; 16]);
+            if draining && cache.len() <= len_before {
+                evicted_while_draining += 1;
+            }
+            assert!(cache.weight() <= 24_500, "insert {n}: over budget");
+            assert_eq!(cache.get(1, key_hash(key), key).as_deref(), Some(&[n as u8; 16][..]), "insert {n}");
+            for (m, other) in keys[..=n].iter().enumerate().step_by(37) {
+                if let Some(value) = cache.get(1, key_hash(other), other) {
+                    assert_eq!(&*value, &[m as u8; 16][..], "key {m} after insert {n}");
+                }
+            }
+            if n % 10 == 0 {
+                let readable = keys[..=n].iter().filter(|k| cache.get(1, key_hash(k), k).is_some()).count();
+                assert_eq!(readable, cache.len(), "insert {n}: the count of entries is off");
+            }
+        }
+        assert!(evicted_while_draining > 0, "no eviction happened during a drain");
+    }
+
     /// Growing moves entries a few at a time: every key stays readable at
     /// every step, each insert looks at no more than its share of the old
     /// table, and each drain ends before the next doubling needs it to.
