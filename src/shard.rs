@@ -814,22 +814,21 @@ impl Shard {
     /// after another (a pipelined GET after a SET of the same key sees it).
     /// `partitions` holds each operation's partition as routed.
     pub async fn execute_batch(&self, body: &[u8], partitions: &[u32]) -> Vec<u8> {
-        debug_assert_eq!(batch::requests(body).map_while(Result::ok).count(), partitions.len());
+        let ops = batch_ops(body, partitions);
         if self.config.storage.sync_mode != crate::config::SyncMode::Group {
             // Writes are applied when queued and never wait for the disk:
             // one after another is as fast and allocates nothing per
             // operation (only a read missing every cache waits).
             let mut out = Vec::with_capacity(body.len() + 64);
-            let ops = batch_ops(body, partitions);
-            for (i, &(opcode, op_body, partition)) in ops.iter().enumerate() {
+            for (i, op) in ops.iter().enumerate() {
                 self.prefetch_ahead(&ops, i);
-                let at = batch::begin_response(&mut out, opcode);
-                let status = self.execute_unsynced(opcode, op_body, partition, &mut out).await;
+                let at = batch::begin_response(&mut out, op.opcode);
+                let status = self.execute_unsynced(op.opcode, op.body, op.partition, &mut out).await;
                 batch::end_response(&mut out, at, status as u8);
             }
             return out;
         }
-        self.execute_batch_group(body, partitions).await
+        self.execute_batch_group(&ops).await
     }
 
     /// Before a batch's operation `i` runs. Each operation's lookups are
@@ -838,13 +837,11 @@ impl Shard {
     /// refer to, so that the misses overlap with the work in between.
     fn prefetch_ahead(&self, ops: &[BatchOp<'_>], i: usize) {
         let stage = |j: usize, entries: bool| {
-            let Some(&(opcode, op_body, partition)) = ops.get(j) else { return };
-            let Some((key, write)) = key_of(opcode, op_body) else { return };
-            let hash = key_hash(key);
+            let Some(BatchOp { partition, lookup: Some((hash, write)), .. }) = ops.get(j) else { return };
             if entries {
-                self.store.prefetch_entries(partition, hash, write);
+                self.store.prefetch_entries(*partition, *hash, *write);
             } else {
-                self.store.prefetch_slots(partition, hash, write);
+                self.store.prefetch_slots(*partition, *hash, *write);
             }
         };
         if i == 0 {
@@ -868,17 +865,16 @@ impl Shard {
     /// awaited while deferred operations run, concurrently across keys and
     /// in order within a key. A batch costs a handful of allocations, none
     /// per operation, and its writes share commit batches.
-    async fn execute_batch_group(&self, body: &[u8], partitions: &[u32]) -> Vec<u8> {
-        let count = batch::requests(body).map_while(Result::ok).count();
+    async fn execute_batch_group(&self, ops: &[BatchOp<'_>]) -> Vec<u8> {
+        let count = ops.len();
         // Reply bytes of every operation, in completion order.
         let replies = RefCell::new(Vec::with_capacity(count * 8));
         // Per operation: opcode, status, range of `replies`.
         let answers = RefCell::new(vec![(0u8, Status::Internal, 0..0); count]);
         let mut plans: Vec<Option<Plan<'_, '_>>> = Vec::with_capacity(count);
         let mut touched: std::collections::HashMap<&[u8], Touched> = std::collections::HashMap::new();
-        let ops = batch_ops(body, partitions);
-        for (i, &(opcode, op_body, partition)) in ops.iter().enumerate() {
-            self.prefetch_ahead(&ops, i);
+        for (i, &BatchOp { opcode, body: op_body, partition, .. }) in ops.iter().enumerate() {
+            self.prefetch_ahead(ops, i);
             #[cfg(debug_assertions)]
             self.inject_fault(opcode, op_body);
             answers.borrow_mut()[i].0 = opcode;
@@ -1000,15 +996,30 @@ impl Shard {
     }
 }
 
-/// A batch's operation: opcode, body, partition (as routed).
-type BatchOp<'a> = (u8, &'a [u8], u32);
+/// A batch's operation as routed, with what `prefetch_ahead` needs: its
+/// key's `key_hash` and whether it writes (`None`: no key, or a body
+/// `prepare` will refuse).
+struct BatchOp<'a> {
+    opcode: u8,
+    body: &'a [u8],
+    partition: u32,
+    lookup: Option<(u64, bool)>,
+}
 
+/// Parses a batch once; `partitions` holds each operation's partition.
 fn batch_ops<'a>(body: &'a [u8], partitions: &[u32]) -> Vec<BatchOp<'a>> {
-    batch::requests(body)
+    let ops: Vec<BatchOp<'a>> = batch::requests(body)
         .map_while(Result::ok)
         .zip(partitions)
-        .map(|((opcode, op_body), &partition)| (opcode, op_body, partition))
-        .collect()
+        .map(|((opcode, op_body), &partition)| BatchOp {
+            opcode,
+            body: op_body,
+            partition,
+            lookup: key_of(opcode, op_body).map(|(key, write)| (key_hash(key), write)),
+        })
+        .collect();
+    debug_assert_eq!(batch::requests(body).map_while(Result::ok).count(), partitions.len());
+    ops
 }
 
 /// The key of an operation, and whether it writes (`None`: no key, or a

@@ -244,17 +244,20 @@ impl ValueCache {
     fn drain(&mut self, mut slots: usize) {
         while slots > 0 && self.drain_left > 0 {
             slots -= 1;
-            let at = self.drain_at;
-            match self.take_old(at) {
+            match self.take_old(self.drain_at) {
                 // The shift may have moved another entry here: look again.
                 Some(slot) => self.put_new(slot),
-                None => {
-                    self.drain_at = (at + 1) & (self.old.len() - 1);
-                    self.drain_left -= 1;
-                }
+                None => self.step_drain(),
             }
         }
-        if self.drain_left == 0 && !self.old.is_empty() {
+    }
+
+    /// Moves the drain past an empty slot of the old table; frees the old
+    /// table once the drain has been all round it.
+    fn step_drain(&mut self) {
+        self.drain_at = (self.drain_at + 1) & (self.old.len() - 1);
+        self.drain_left -= 1;
+        if self.drain_left == 0 {
             self.old = Box::new([]);
         }
     }
@@ -393,16 +396,20 @@ impl ValueCache {
     /// Removes the entry at `at` of the old table.
     fn forget_old(&mut self, at: usize) {
         let slot = self.take_old(at).expect("forgetting a used slot");
+        self.uncount(slot);
+    }
+
+    /// Takes a removed entry off the counts.
+    fn uncount(&mut self, slot: Slot) {
         self.len -= 1;
-        self.weight -= slot.value.expect("a used slot").weight();
+        self.weight -= slot.value.expect("a removed entry").weight();
     }
 
     /// Removes the entry at `at` and shifts back the entries after it whose
     /// probe run passes through the hole, so every probe still finds them.
     fn remove_at(&mut self, at: usize) {
-        let removed = self.slots[at].value.take().expect("removing a used slot");
-        self.len -= 1;
-        self.weight -= removed.weight();
+        let removed = std::mem::take(&mut self.slots[at]);
+        self.uncount(removed);
         let mask = self.mask;
         shift_back(&mut self.slots, at, |slot| slot.value.is_none(), |slot| slot.mixed as usize & mask);
     }
@@ -427,18 +434,12 @@ impl ValueCache {
         // it was cached moves on (its bit cleared), the first one that was
         // not goes.
         while self.drain_left > 0 {
-            let at = self.drain_at;
-            match self.take_old(at) {
+            match self.take_old(self.drain_at) {
                 Some(slot) if slot.referenced.replace(false) => self.put_new(slot),
-                Some(slot) => {
-                    self.len -= 1;
-                    self.weight -= slot.value.expect("a used slot").weight();
-                    return;
-                }
-                None => self.drain(1),
+                Some(slot) => return self.uncount(slot),
+                None => self.step_drain(),
             }
         }
-        self.drain(0);
         loop {
             let at = self.hand_slot();
             let slot = &self.slots[at];

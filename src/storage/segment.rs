@@ -146,6 +146,10 @@ impl<D: Disk> SegmentBuffer<D> {
         (self.write_offset - self.tail_start) as usize
     }
 
+    fn tail_capacity(&self) -> usize {
+        self.tail.as_ref().map_or(0, |t| t.len())
+    }
+
     /// Copies `len` bytes at segment `offset` (which must be in memory).
     pub fn copy_out(&self, offset: u64, len: usize, out: &mut Vec<u8>) {
         assert!(offset >= self.memory_start(), "copy_out below the buffered range");
@@ -193,7 +197,7 @@ impl<D: Disk> SegmentBuffer<D> {
 
     /// Makes room for `len` more bytes in the tail.
     fn reserve(&mut self, disk: &D, write_unit_bytes: usize, len: usize) {
-        let capacity = self.tail.as_ref().map_or(0, |t| t.len());
+        let capacity = self.tail_capacity();
         if self.tail_used() + len <= capacity {
             return;
         }
@@ -203,7 +207,7 @@ impl<D: Disk> SegmentBuffer<D> {
         }
         self.cut(disk, false);
         let used = self.tail_used();
-        let capacity = self.tail.as_ref().map_or(0, |t| t.len());
+        let capacity = self.tail_capacity();
         if used + len <= capacity {
             return;
         }
@@ -238,8 +242,7 @@ impl<D: Disk> SegmentBuffer<D> {
     /// Pads the tail and cuts all of it for writing (a flush, a seal, a
     /// close); returns the bytes of padding added.
     fn cut_all(&mut self, disk: &D, write_unit_bytes: usize, partition: u32) -> usize {
-        let capacity = self.tail.as_ref().map_or(0, |t| t.len());
-        if self.tail_used() * 4 < capacity {
+        if self.tail_used() * 4 < self.tail_capacity() {
             self.tail_bytes = (self.tail_bytes / 2).max(tail_bytes_min(write_unit_bytes));
         }
         let padding = self.pad(disk, write_unit_bytes, partition);
@@ -1077,10 +1080,6 @@ mod tests {
         }
     }
 
-    fn capacity(buffer: &SegmentBuffer<SimDisk>) -> usize {
-        buffer.tail.as_ref().map_or(0, |t| t.len())
-    }
-
     #[test]
     fn a_busy_partition_grows_its_tail_to_the_write_unit_and_an_idle_one_shrinks_it() {
         let disk = SimDisk::new();
@@ -1089,13 +1088,13 @@ mod tests {
         // Record lengths are multiples of 16 (`RECORD_ALIGN_BYTES`).
         let record = 1008;
         segment.push(&disk, write_unit, record, |out| out.fill(1));
-        assert_eq!(capacity(&segment), TAIL_BYTES_MIN);
+        assert_eq!(segment.tail_capacity(), TAIL_BYTES_MIN);
         // Filling tail after tail doubles each new one, up to the write unit.
-        let mut sizes = vec![capacity(&segment)];
+        let mut sizes = vec![segment.tail_capacity()];
         while segment.write_offset < 8 * write_unit as u64 {
             segment.push(&disk, write_unit, record, |out| out.fill(1));
-            if capacity(&segment) != *sizes.last().expect("one") {
-                sizes.push(capacity(&segment));
+            if segment.tail_capacity() != *sizes.last().expect("one") {
+                sizes.push(segment.tail_capacity());
             }
         }
         assert_eq!(sizes, [32 << 10, 64 << 10, 128 << 10, 256 << 10, 512 << 10, 1 << 20]);
@@ -1116,7 +1115,7 @@ mod tests {
             assert_eq!(segment.write_offset % BLOCK_BYTES as u64, 0, "padded to a block");
         }
         segment.push(&disk, write_unit, record, |out| out.fill(1));
-        assert_eq!(capacity(&segment), TAIL_BYTES_MIN);
+        assert_eq!(segment.tail_capacity(), TAIL_BYTES_MIN);
     }
 
     #[test]
@@ -1126,7 +1125,7 @@ mod tests {
         for _ in 0..20 {
             segment.push(&disk, BLOCK_BYTES, 1008, |out| out.fill(1));
             // A block, or two when a record straddles the boundary.
-            assert!(capacity(&segment) <= 2 * BLOCK_BYTES, "tail of {} bytes", capacity(&segment));
+            assert!(segment.tail_capacity() <= 2 * BLOCK_BYTES, "tail of {} bytes", segment.tail_capacity());
         }
     }
 }
