@@ -45,7 +45,7 @@ use std::rc::Rc;
 
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::probing::{prefetch, shift_back};
+use super::probing::{prefetch, prefetch_bytes, shift_back};
 
 /// A value read from the store: the key and value in one shared
 /// allocation; dereferences to the value bytes. Cloning is a
@@ -156,6 +156,9 @@ pub struct ValueCache {
     /// `hand_slot` for where it points).
     hand: usize,
 }
+
+/// Slots of a probe run whose value `prefetch_value` looks for.
+const PREFETCH_PROBE_SLOTS: usize = 2;
 
 /// Slots of a new table; it doubles as entries arrive, so a data set much
 /// smaller than the budget keeps a small, dense (cache-friendly) table.
@@ -492,17 +495,27 @@ impl ValueCache {
     /// Starts loading the slot where a lookup of `partition`'s key with
     /// `hash` starts (see `ShardStore::prefetch_slots`).
     pub fn prefetch_slot(&self, partition: u32, hash: u64) {
-        prefetch(&self.slots[self.home(Self::mix(partition, hash))]);
+        let home = self.home(Self::mix(partition, hash));
+        prefetch(&self.slots[home]);
+        // A probe run often reaches the next slot, which may start the
+        // next cache line.
+        prefetch(&self.slots[(home + 1) & self.mask]);
     }
 
     /// After `prefetch_slot`: starts loading the value in that slot, if its
-    /// tag matches (the key compare and the reply read it).
+    /// tag matches: the key compare reads its start, a version set's view
+    /// its end (see `prefetch_bytes`).
     pub fn prefetch_value(&self, partition: u32, hash: u64) {
         let mixed = Self::mix(partition, hash);
-        let slot = &self.slots[self.home(mixed)];
-        if slot.mixed == mixed {
-            if let Some(value) = &slot.value {
-                prefetch(Rc::as_ptr(&value.record).cast::<u8>());
+        let home = self.home(mixed);
+        // The first slots of the probe run (those `prefetch_slot` loaded):
+        // at the table's load limits most keys sit within them.
+        for step in 0..PREFETCH_PROBE_SLOTS {
+            let slot = &self.slots[(home + step) & self.mask];
+            match &slot.value {
+                None => return,
+                Some(value) if slot.mixed == mixed => return prefetch_bytes(&value.record),
+                Some(_) => {}
             }
         }
     }

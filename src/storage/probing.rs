@@ -17,6 +17,32 @@ pub(crate) fn prefetch<T>(at: *const T) {
     let _ = at;
 }
 
+/// Cache lines `prefetch_bytes` asks for at most: enough for a small
+/// record whole; of a larger one, its start and its end.
+const PREFETCH_LINES_MAX: usize = 4;
+
+/// Starts loading the cache lines of `bytes`: all of them for a small
+/// record, else the first and the last few. A version set is an rkyv
+/// archive, whose root sits at its end, so a reader's first load is the
+/// record's last line and its second the siblings before it.
+#[inline(always)]
+pub(crate) fn prefetch_bytes(bytes: &[u8]) {
+    const LINE_BYTES: usize = 64;
+    let start = bytes.as_ptr();
+    prefetch(start);
+    let lines = (bytes.len() + (start as usize % LINE_BYTES)).div_ceil(LINE_BYTES);
+    if lines <= PREFETCH_LINES_MAX {
+        for line in 1..lines {
+            prefetch(start.wrapping_add(line * LINE_BYTES));
+        }
+    } else {
+        let end = start.wrapping_add(bytes.len() - 1);
+        for line in 0..PREFETCH_LINES_MAX - 1 {
+            prefetch(end.wrapping_sub(line * LINE_BYTES));
+        }
+    }
+}
+
 /// After the slot `hole` of a power-of-two table was emptied: moves back
 /// the entries after it whose probe run passes through the hole, so that
 /// every probe still finds them (a probe stops at the first free slot).
