@@ -7,7 +7,7 @@
 //! and holds 16-byte slots (for a `Location`):
 //!
 //! ```text
-//! slot: key_ref u32 (EMPTY = u32::MAX) | tag u16 (hash >> 48) | value V (10 B)
+//! slot: key_ref u32 (EMPTY = 0) | tag u16 (hash >> 48) | value V (10 B)
 //! home slot = xxh3(key) & mask; at most 7/8 of the slots are used
 //! ```
 //!
@@ -19,6 +19,15 @@
 //! separate control bytes and buckets were two misses. Deletion shifts the
 //! rest of the probe run back (no tombstones). The hash is not stored: a
 //! resize recomputes it from the arena.
+//!
+//! A large table grows without stopping the shard: the doubled table is
+//! allocated zeroed (a free slot is all zero bytes, so fresh memory needs
+//! no initializing pass), and the entries move over a few slots per insert
+//! (`drain`) while lookups look in both tables. Rehashing half a million
+//! keys at once stopped the shard for 12 ms, two million for 160 ms. Small
+//! tables (below `DRAIN_FROM_SLOTS`) still double at once: that takes well
+//! under a millisecond, and keeps a second table from weighing on the
+//! memory of the many small partitions.
 //!
 //! Keys live length-prefixed in an arena of chunks of at most 1 MiB; a key
 //! reference is (chunk, offset). Chunks grow by half the arena's size (so at
@@ -52,9 +61,9 @@ struct Slot<V: Copy> {
     value: MaybeUninit<V>,
 }
 
-/// `key_ref` of a free slot. Never a real reference: a key at the last
-/// offset of a chunk would need its length prefix beyond the chunk's end.
-const EMPTY: u32 = u32::MAX;
+/// `key_ref` of a free slot. Never a real reference: chunk numbers in a
+/// reference start at 1 (see `KeyArena`), so a zeroed table is all free.
+const EMPTY: u32 = 0;
 
 impl<V: Copy> Slot<V> {
     const FREE: Self = Self { key_ref: EMPTY, tag: 0, value: MaybeUninit::uninit() };
@@ -78,6 +87,15 @@ const _: () = assert!(std::mem::size_of::<Slot<Location>>() == 16);
 /// Slots of the first table.
 const SLOTS_MIN: usize = 8;
 
+/// Tables of at least this many slots grow incrementally (see the module
+/// doc); smaller ones at once, rehashing at most 28,672 keys (7/8 of it).
+const DRAIN_FROM_SLOTS: usize = 1 << 15;
+
+/// Slots of the old table each insert looks at while the table grows. The
+/// drain of a table of S slots takes S/8 inserts; the next doubling is
+/// 7/8 S new keys away.
+const DRAIN_SLOTS_PER_INSERT: usize = 8;
+
 fn tag_of(hash: u64) -> u16 {
     (hash >> 48) as u16
 }
@@ -97,12 +115,13 @@ pub const SEGMENT_SLOTS_MAX: usize = u16::MAX as usize + 1;
 
 const CHUNK_OFFSET_BITS: u32 = 20;
 const CHUNK_BYTES_MAX: usize = 1 << CHUNK_OFFSET_BITS;
-const CHUNKS_MAX: usize = 1 << (32 - CHUNK_OFFSET_BITS);
+/// Chunk numbers in a reference start at 1 (0 would make `EMPTY`).
+const CHUNKS_MAX: usize = (1 << (32 - CHUNK_OFFSET_BITS)) - 1;
 const CHUNK_BYTES_MIN: usize = 256;
 const LEN_PREFIX_BYTES: usize = 2;
 const _: () = assert!(CHUNK_BYTES_MAX >= LEN_PREFIX_BYTES + super::format::KEY_BYTES_LIMIT);
 
-/// Append-only storage for keys, addressed by (chunk << 20 | offset).
+/// Append-only storage for keys, addressed by ((chunk + 1) << 20 | offset).
 #[derive(Default)]
 struct KeyArena {
     chunks: Vec<Vec<u8>>,
@@ -114,7 +133,7 @@ struct KeyArena {
 
 impl KeyArena {
     fn key(&self, key_ref: u32) -> &[u8] {
-        let chunk = &self.chunks[(key_ref >> CHUNK_OFFSET_BITS) as usize];
+        let chunk = &self.chunks[(key_ref >> CHUNK_OFFSET_BITS) as usize - 1];
         let off = (key_ref as usize) & (CHUNK_BYTES_MAX - 1);
         let len = usize::from(u16::from_le_bytes([chunk[off], chunk[off + 1]]));
         &chunk[off + LEN_PREFIX_BYTES..off + LEN_PREFIX_BYTES + len]
@@ -122,7 +141,7 @@ impl KeyArena {
 
     /// Starts loading the key at `key_ref` (a hint, see `probing::prefetch`).
     fn prefetch(&self, key_ref: u32) {
-        if let Some(chunk) = self.chunks.get((key_ref >> CHUNK_OFFSET_BITS) as usize) {
+        if let Some(chunk) = self.chunks.get(((key_ref >> CHUNK_OFFSET_BITS) as usize).wrapping_sub(1)) {
             if let Some(at) = chunk.get((key_ref as usize) & (CHUNK_BYTES_MAX - 1)) {
                 prefetch(at);
             }
@@ -146,7 +165,7 @@ impl KeyArena {
         chunk.extend_from_slice(key);
         self.used_bytes += need;
         self.planned_bytes = self.planned_bytes.saturating_sub(need);
-        let key_ref = ((index as u32) << CHUNK_OFFSET_BITS) | off as u32;
+        let key_ref = ((index as u32 + 1) << CHUNK_OFFSET_BITS) | off as u32;
         debug_assert_ne!(key_ref, EMPTY);
         key_ref
     }
@@ -160,10 +179,40 @@ impl KeyArena {
     }
 }
 
+/// A table of `count` free slots.
+fn free_slots<V: Copy>(count: usize) -> Box<[Slot<V>]> {
+    // (`Box::new_zeroed_slice` once the MSRV reaches 1.92.)
+    assert!(count > 0);
+    let layout = std::alloc::Layout::array::<Slot<V>>(count).expect("a table's size fits the address space");
+    // SAFETY: the layout is not zero-sized (count > 0, slots are 16 bytes).
+    let at = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<Slot<V>>();
+    if at.is_null() {
+        std::alloc::handle_alloc_error(layout);
+    }
+    // SAFETY: `at` is a live allocation of `count` slots from the global
+    // allocator with the layout `Box` frees with, and all-zero bytes are a
+    // valid slot, a free one (`key_ref` is `EMPTY`, the tag a plain
+    // integer, `value` a `MaybeUninit`).
+    unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(at, count)) }
+}
+
 /// Key → `V` map for one partition.
 pub struct KeyIndex<V: Copy> {
     /// A power of two long, or empty before the first insert.
     slots: Box<[Slot<V>]>,
+    /// While the table grows: the previous table, holding the entries not
+    /// yet moved (see `drain`). Empty otherwise.
+    old: Box<[Slot<V>]>,
+    /// Where the drain started (a free slot of `old`), the slot it looks at
+    /// next, and how many it has left to look at (it goes once round).
+    /// The slots from `drain_from` to `drain_at` (the drained arc) are all
+    /// free, and entries are taken out of it without shifting the rest of
+    /// their probe runs back, so a probe of `old` whose home slot is in
+    /// the arc starts at `drain_at` instead (see `old_start`).
+    drain_from: usize,
+    drain_at: usize,
+    drain_left: usize,
+    /// Entries in both tables.
     len: usize,
     arena: KeyArena,
     key_bytes: usize,
@@ -171,16 +220,59 @@ pub struct KeyIndex<V: Copy> {
 
 impl<V: Copy> Default for KeyIndex<V> {
     fn default() -> Self {
-        Self { slots: Box::new([]), len: 0, arena: KeyArena::default(), key_bytes: 0 }
+        Self {
+            slots: Box::new([]),
+            old: Box::new([]),
+            drain_from: 0,
+            drain_at: 0,
+            drain_left: 0,
+            len: 0,
+            arena: KeyArena::default(),
+            key_bytes: 0,
+        }
     }
+}
+
+/// Where `key` (whose xxh3 is `hash`) is in `slots` (a power-of-two table
+/// with a free slot), or the free slot that ends its probe run.
+fn probe<V: Copy>(slots: &[Slot<V>], arena: &KeyArena, hash: u64, key: &[u8]) -> Result<usize, usize> {
+    let (mask, tag) = (slots.len() - 1, tag_of(hash));
+    let mut i = hash as usize & mask;
+    loop {
+        let slot = &slots[i];
+        if slot.is_free() {
+            return Err(i);
+        }
+        if slot.tag == tag && arena.key(slot.key_ref) == key {
+            return Ok(i);
+        }
+        i = (i + 1) & mask;
+    }
+}
+
+/// `home`, or `to` if `home` is in the arc of a `mask + 1` slot table
+/// from `from` up to (not including) `to`.
+fn past_arc(home: usize, from: usize, to: usize, mask: usize) -> usize {
+    if home.wrapping_sub(from) & mask < to.wrapping_sub(from) & mask {
+        to
+    } else {
+        home
+    }
+}
+
+/// Where a key is.
+#[derive(Clone, Copy)]
+enum Place {
+    New(usize),
+    Old(usize),
 }
 
 impl<V: Copy> KeyIndex<V> {
     /// An empty index sized for `keys` keys totalling `key_bytes` bytes.
     pub fn with_capacity(keys: usize, key_bytes: usize) -> Self {
         let arena = KeyArena { planned_bytes: key_bytes + keys * LEN_PREFIX_BYTES, ..KeyArena::default() };
-        let slots = if keys == 0 { Box::new([]) as Box<[Slot<V>]> } else { vec![Slot::FREE; slots_for(keys)].into() };
-        Self { slots, len: 0, arena, key_bytes: 0 }
+        let slots = if keys == 0 { Box::new([]) as Box<[Slot<V>]> } else { free_slots(slots_for(keys)) };
+        Self { slots, arena, ..Self::default() }
     }
 
     pub fn len(&self) -> usize {
@@ -193,24 +285,6 @@ impl<V: Copy> KeyIndex<V> {
 
     fn mask(&self) -> usize {
         self.slots.len().wrapping_sub(1)
-    }
-
-    /// The slot holding `key` (whose xxh3 is `hash`), or the free slot
-    /// that ends its probe run. The table must not be empty; it always has
-    /// a free slot (at most 7/8 are used), so the probe ends.
-    fn find(&self, hash: u64, key: &[u8]) -> Result<usize, usize> {
-        let (mask, tag) = (self.mask(), tag_of(hash));
-        let mut i = hash as usize & mask;
-        loop {
-            let slot = &self.slots[i];
-            if slot.is_free() {
-                return Err(i);
-            }
-            if slot.tag == tag && self.arena.key(slot.key_ref) == key {
-                return Ok(i);
-            }
-            i = (i + 1) & mask;
-        }
     }
 
     /// Starts loading the table line where a key with xxh3 `hash` is
@@ -232,16 +306,52 @@ impl<V: Copy> KeyIndex<V> {
         }
     }
 
-    /// The slot holding `key`, if any (`find` for a possibly empty table).
-    fn position(&self, key: &[u8]) -> Option<usize> {
+    /// Where `key` is, if anywhere: the new table first (a key is in one
+    /// table only).
+    fn place(&self, hash: u64, key: &[u8]) -> Option<Place> {
         if self.len == 0 {
             return None;
         }
-        self.find(xxh3_64(key), key).ok()
+        if let Ok(at) = probe(&self.slots, &self.arena, hash, key) {
+            return Some(Place::New(at));
+        }
+        if self.drain_left > 0 {
+            let (mask, tag) = (self.old.len() - 1, tag_of(hash));
+            let mut i = self.old_start(hash as usize & mask);
+            loop {
+                let slot = &self.old[i];
+                if slot.is_free() {
+                    break;
+                }
+                if slot.tag == tag && self.arena.key(slot.key_ref) == key {
+                    return Some(Place::Old(i));
+                }
+                i = (i + 1) & mask;
+            }
+        }
+        None
+    }
+
+    /// Where a probe of the old table for an entry whose home slot is
+    /// `home` starts: past the drained arc, whose entries are gone (the
+    /// rest of their probe runs starts at `drain_at`).
+    fn old_start(&self, home: usize) -> usize {
+        past_arc(home, self.drain_from, self.drain_at, self.old.len() - 1)
+    }
+
+    fn slot_mut(&mut self, place: Place) -> &mut Slot<V> {
+        match place {
+            Place::New(at) => &mut self.slots[at],
+            Place::Old(at) => &mut self.old[at],
+        }
     }
 
     pub fn get(&self, key: &[u8]) -> Option<V> {
-        self.position(key).map(|i| self.slots[i].value())
+        let place = self.place(xxh3_64(key), key)?;
+        Some(match place {
+            Place::New(at) => self.slots[at].value(),
+            Place::Old(at) => self.old[at].value(),
+        })
     }
 
     /// Inserts or replaces; returns the previous value.
@@ -254,37 +364,75 @@ impl<V: Copy> KeyIndex<V> {
     pub fn insert_hashed(&mut self, hash: u64, key: &[u8], value: V) -> Option<V> {
         debug_assert_eq!(hash, xxh3_64(key));
         if (self.len + 1) * 8 > self.slots.len() * 7 {
-            self.resize((self.slots.len() * 2).max(SLOTS_MIN));
+            self.grow();
         }
-        match self.find(hash, key) {
-            Ok(i) => {
-                let slot = &mut self.slots[i];
+        let previous = match self.place(hash, key) {
+            Some(Place::New(at)) => {
+                let slot = &mut self.slots[at];
                 let previous = slot.value();
                 slot.value = MaybeUninit::new(value);
                 Some(previous)
             }
-            Err(i) => {
+            Some(Place::Old(at)) => {
+                // Updated in place: the drain moves it.
+                let slot = &mut self.old[at];
+                let previous = slot.value();
+                slot.value = MaybeUninit::new(value);
+                Some(previous)
+            }
+            None => {
                 let key_ref = self.arena.push(key);
                 self.key_bytes += key.len();
-                self.slots[i] = Slot { key_ref, tag: tag_of(hash), value: MaybeUninit::new(value) };
+                self.put_new(hash, Slot { key_ref, tag: tag_of(hash), value: MaybeUninit::new(value) });
                 self.len += 1;
                 None
             }
+        };
+        self.drain(DRAIN_SLOTS_PER_INSERT);
+        previous
+    }
+
+    /// Doubles the table: at once when small, else by starting a drain.
+    fn grow(&mut self) {
+        self.drain(usize::MAX);
+        let slot_count = (self.slots.len() * 2).max(SLOTS_MIN);
+        self.old = std::mem::replace(&mut self.slots, free_slots(slot_count));
+        // Draining from a free slot on, no probe run crosses that slot
+        // (nothing is inserted into the old table), so every run left
+        // in it starts at or after `drain_at`.
+        self.drain_from = self.old.iter().position(Slot::is_free).unwrap_or(0);
+        self.drain_at = self.drain_from;
+        self.drain_left = self.old.len();
+        if self.old.len() < DRAIN_FROM_SLOTS {
+            self.drain(usize::MAX);
         }
     }
 
-    /// Moves every entry into a table of `slot_count` slots (a power of
-    /// two), rehashing the keys from the arena.
-    fn resize(&mut self, slot_count: usize) {
-        let old = std::mem::replace(&mut self.slots, vec![Slot::FREE; slot_count].into());
-        let mask = slot_count - 1;
-        for slot in old.iter().filter(|slot| !slot.is_free()) {
-            let mut i = xxh3_64(self.arena.key(slot.key_ref)) as usize & mask;
-            while !self.slots[i].is_free() {
-                i = (i + 1) & mask;
+    /// Moves the entries of up to `slots` slots of the old table into the
+    /// new one.
+    fn drain(&mut self, slots: usize) {
+        for _ in 0..slots.min(self.drain_left) {
+            let slot = std::mem::replace(&mut self.old[self.drain_at], Slot::FREE);
+            if !slot.is_free() {
+                let hash = xxh3_64(self.arena.key(slot.key_ref));
+                self.put_new(hash, slot);
             }
-            self.slots[i] = *slot;
+            self.drain_at = (self.drain_at + 1) & (self.old.len() - 1);
+            self.drain_left -= 1;
         }
+        if self.drain_left == 0 && !self.old.is_empty() {
+            self.old = Box::new([]);
+        }
+    }
+
+    /// Puts an entry whose key the new table does not hold into it.
+    fn put_new(&mut self, hash: u64, slot: Slot<V>) {
+        let mask = self.mask();
+        let mut i = hash as usize & mask;
+        while !self.slots[i].is_free() {
+            i = (i + 1) & mask;
+        }
+        self.slots[i] = slot;
     }
 
     /// Replaces the value only if it is still `expected` (compaction moving a
@@ -293,30 +441,48 @@ impl<V: Copy> KeyIndex<V> {
     where
         V: PartialEq,
     {
-        match self.position(key) {
-            Some(i) if self.slots[i].value() == expected => {
-                self.slots[i].value = MaybeUninit::new(value);
-                true
-            }
-            _ => false,
+        let Some(place) = self.place(xxh3_64(key), key) else { return false };
+        let slot = self.slot_mut(place);
+        if slot.value() != expected {
+            return false;
         }
+        slot.value = MaybeUninit::new(value);
+        true
     }
 
     pub fn remove(&mut self, key: &[u8]) -> Option<V> {
-        let at = self.position(key)?;
-        let removed = self.slots[at].value();
-        self.slots[at] = Slot::FREE;
+        let removed = match self.place(xxh3_64(key), key)? {
+            Place::New(at) => {
+                let removed = self.slots[at].value();
+                self.slots[at] = Slot::FREE;
+                let (arena, mask) = (&self.arena, self.mask());
+                shift_back(&mut self.slots, at, Slot::is_free, |slot| xxh3_64(arena.key(slot.key_ref)) as usize & mask);
+                removed
+            }
+            Place::Old(at) => {
+                let removed = self.old[at].value();
+                self.old[at] = Slot::FREE;
+                // The hole is never in the drained arc, so an entry whose
+                // home is there may always move back into it, as it may
+                // from a home at `drain_at`: true homes do.
+                let (arena, mask) = (&self.arena, self.old.len() - 1);
+                shift_back(&mut self.old, at, Slot::is_free, |slot| xxh3_64(arena.key(slot.key_ref)) as usize & mask);
+                removed
+            }
+        };
         self.len -= 1;
-        let (arena, mask) = (&self.arena, self.mask());
-        shift_back(&mut self.slots, at, Slot::is_free, |slot| xxh3_64(arena.key(slot.key_ref)) as usize & mask);
         self.arena.release(key.len());
         self.key_bytes -= key.len();
         self.maybe_compact_arena();
         Some(removed)
     }
 
+    fn used_slots(&self) -> impl Iterator<Item = &Slot<V>> {
+        self.slots.iter().chain(self.old.iter()).filter(|slot| !slot.is_free())
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], V)> {
-        self.slots.iter().filter(|slot| !slot.is_free()).map(|slot| (self.arena.key(slot.key_ref), slot.value()))
+        self.used_slots().map(|slot| (self.arena.key(slot.key_ref), slot.value()))
     }
 
     /// A copy with values mapped by `f` (entries where it returns None are
@@ -338,9 +504,10 @@ impl<V: Copy> KeyIndex<V> {
         out
     }
 
-    /// Heap bytes used by the table and the arena, minus the key bytes.
+    /// Heap bytes used by the tables and the arena, minus the key bytes.
     pub fn overhead_bytes(&self) -> usize {
-        std::mem::size_of_val(&*self.slots) + self.arena.allocated_bytes() - self.key_bytes
+        std::mem::size_of_val(&*self.slots) + std::mem::size_of_val(&*self.old) + self.arena.allocated_bytes()
+            - self.key_bytes
     }
 
     pub fn key_bytes(&self) -> usize {
@@ -355,7 +522,7 @@ impl<V: Copy> KeyIndex<V> {
         }
         let live = used - self.arena.garbage_bytes;
         let mut arena = KeyArena { planned_bytes: live, ..KeyArena::default() };
-        for slot in self.slots.iter_mut().filter(|slot| !slot.is_free()) {
+        for slot in self.slots.iter_mut().chain(self.old.iter_mut()).filter(|slot| !slot.is_free()) {
             slot.key_ref = arena.push(self.arena.key(slot.key_ref));
         }
         self.arena = arena;
@@ -436,6 +603,98 @@ mod tests {
         assert_eq!((index.get(&first), index.get(&second)), (None, Some(3)));
         assert_eq!(index.remove(&second), Some(3));
         assert!(index.is_empty());
+    }
+
+    /// Across doublings that drain (tables of `DRAIN_FROM_SLOTS` and more),
+    /// inserts, updates, removals and conditional replaces of keys in
+    /// either table behave as on a map, and the old table goes once drained.
+    #[test]
+    fn a_table_that_grows_in_steps_behaves_like_a_hashmap() {
+        let mut index = KeyIndex::default();
+        let mut model = HashMap::new();
+        let mut seen_draining = 0;
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        // Enough keys for two draining doublings (at 28,673 and 57,345 keys).
+        for step in 0..150_000u32 {
+            let r = next();
+            let key = format!("k{}", r % 70_000).into_bytes();
+            match (r >> 32) % 8 {
+                0 => assert_eq!(index.remove(&key), model.remove(&key)),
+                1 => {
+                    let current = model.get(&key).copied();
+                    let replaced = current.is_some_and(|v| index.replace_if(&key, v, step));
+                    assert_eq!(replaced, current.is_some());
+                    if replaced {
+                        model.insert(key.clone(), step);
+                    }
+                    assert!(!index.replace_if(&key, u32::MAX, 0));
+                }
+                2 => assert_eq!(index.get(&key), model.get(&key).copied()),
+                _ => assert_eq!(index.insert(&key, step), model.insert(key, step)),
+            }
+            if index.drain_left > 0 {
+                seen_draining += 1;
+            }
+            assert_eq!(index.len(), model.len());
+        }
+        assert!(seen_draining > 1_000, "the drain was never seen in progress ({seen_draining} steps)");
+        let listed: HashMap<Vec<u8>, u32> = index.iter().map(|(k, v)| (k.to_vec(), v)).collect();
+        assert_eq!(listed, model);
+        for (k, v) in &model {
+            assert_eq!(index.get(k), Some(*v));
+        }
+        // Updates alone finish a pending drain and free the old table.
+        for key in model.keys().take(20_000) {
+            index.insert(key, 0);
+        }
+        assert_eq!((index.drain_left, index.old.len()), (0, 0));
+    }
+
+    /// The entries of the old table's probe run at the drain's position
+    /// (whose run began in the drained arc) stay reachable through a slot
+    /// at a time of the drain, and when one of them is removed.
+    #[test]
+    fn probe_runs_cut_by_the_drain_stay_reachable() {
+        let mut index = KeyIndex::default();
+        let mut model = HashMap::new();
+        let mut key_of = 0u32..;
+        // One key past 7/8 of `DRAIN_FROM_SLOTS`: that insert starts a drain.
+        while index.drain_left == 0 {
+            let i = key_of.next().unwrap();
+            let key = format!("run-{i}").into_bytes();
+            index.insert(&key, i);
+            model.insert(key, i);
+        }
+        let (mut checked, mut removed) = (0, 0);
+        while index.drain_left > 0 {
+            let mask = index.old.len() - 1;
+            let run: Vec<Vec<u8>> = (0..)
+                .map(|step| &index.old[(index.drain_at + step) & mask])
+                .take_while(|slot| !slot.is_free())
+                .map(|slot| index.arena.key(slot.key_ref).to_vec())
+                .collect();
+            if run.len() > 2 && index.drain_at % 7 == 0 {
+                let gone = &run[index.drain_at % run.len()];
+                assert_eq!(index.remove(gone), model.remove(gone));
+                removed += 1;
+            }
+            for key in run.iter().filter(|key| model.contains_key(*key)) {
+                assert_eq!(index.get(key), model.get(key).copied(), "{}", String::from_utf8_lossy(key));
+                checked += 1;
+            }
+            index.drain(1);
+        }
+        assert!(checked > 10_000 && removed > 100, "{checked} checked, {removed} removed");
+        assert_eq!(index.len(), model.len());
+        for (key, value) in &model {
+            assert_eq!(index.get(key), Some(*value));
+        }
     }
 
     #[test]
