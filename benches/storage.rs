@@ -70,6 +70,8 @@ struct FioReference {
     rand_read_4k_iops: f64,
     write_4k_fdatasync_ops_per_s: f64,
     append_4k_fdatasync_ops_per_s: f64,
+    /// fio doing the 16 KiB ingest's kind of writes (see fio-reference.sh).
+    ingest_pattern_bytes_per_s: f64,
 }
 
 fn fio_reference(dir: &Path, seconds: u32) -> FioReference {
@@ -93,6 +95,7 @@ fn fio_reference(dir: &Path, seconds: u32) -> FioReference {
         rand_read_4k_iops: field("rand_read_4k_iops"),
         write_4k_fdatasync_ops_per_s: field("write_4k_fdatasync_ops_per_s"),
         append_4k_fdatasync_ops_per_s: field("append_4k_fdatasync_ops_per_s"),
+        ingest_pattern_bytes_per_s: field("ingest_pattern_bytes_per_s"),
     }
 }
 
@@ -271,6 +274,16 @@ fn main() {
             ratio,
             target: ">= 0.7",
             met: ratio >= 0.7,
+        });
+        // Why the ratio above sits where it does: fio's reference
+        // overwrites a laid-out file; an ingest must write fresh space.
+        rows.push(Row {
+            name: "  the same, against fio writing the same way",
+            measured: format!("{:.0} MB/s", bytes_per_s / 1e6),
+            reference: format!("fio, 256 new files, 168 KiB QD64: {:.0} MB/s", fio.ingest_pattern_bytes_per_s / 1e6),
+            ratio: bytes_per_s / fio.ingest_pattern_bytes_per_s,
+            target: "(no target)",
+            met: true,
         });
     }
 
