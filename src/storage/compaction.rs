@@ -5,8 +5,11 @@
 //! 1. scan every input (a damaged input is left out and kept, so damage is
 //!    never erased by compaction; reads keep reporting it);
 //! 2. keep each put the index still points at, and each tombstone whose key
-//!    is absent and which may still shadow an older record outside the
-//!    inputs (some other segment's lowest lsn is below the tombstone's);
+//!    is absent and which may still shadow an older record: outside the
+//!    inputs (some other segment's lowest lsn is below the tombstone's) or
+//!    in the output itself (outside `group` mode a put whose key's newer
+//!    state is not yet durable is kept, and durability moves while the
+//!    inputs are read, so the tombstones are decided after the scan);
 //! 3. write them to `seg-N.seg.tmp` whose header lists the inputs it
 //!    supersedes, fdatasync, write its hint, rename, sync the directory:
 //!    from here recovery deletes the inputs itself;
@@ -36,6 +39,7 @@ use super::{IoOp, Result, StorageError};
 struct Kept {
     key: Vec<u8>,
     kind: RecordKind,
+    lsn: u64,
     from: Location,
     to_offset: u32,
     len: usize,
@@ -56,6 +60,28 @@ impl<D: Disk> Drop for CompactingGuard<'_, D> {
 }
 
 const SWAP_CHUNK_RECORDS: usize = 1024;
+
+/// Appends a record chosen for the output (its bytes, its hint entry).
+fn keep_record(
+    out: &mut Vec<u8>,
+    hints: &mut Vec<u8>,
+    kept: &mut Vec<Kept>,
+    from: Location,
+    record: &super::format::RecordView<'_>,
+    raw: &[u8],
+) {
+    let to = (FILE_HEADER_BYTES + out.len()) as u64;
+    push_hint(hints, to, record);
+    kept.push(Kept {
+        key: record.key.to_vec(),
+        kind: record.kind,
+        lsn: record.lsn,
+        from,
+        to_offset: to as u32,
+        len: raw.len(),
+    });
+    out.extend_from_slice(raw);
+}
 
 impl<D: Disk> Inner<D> {
     /// The maintenance task: hints for newly sealed segments, then compaction
@@ -162,6 +188,10 @@ impl<D: Disk> Inner<D> {
         let mut out: Vec<u8> = Vec::new();
         let mut hints: Vec<u8> = Vec::new();
         let mut kept: Vec<Kept> = Vec::new();
+        // Tombstones that shadow nothing outside the inputs: kept after the
+        // scan only if the output keeps an older put of their key.
+        let mut undecided: Vec<(Location, Vec<u8>)> = Vec::new();
+        let mut excluded_min_lsn = u64::MAX;
         let mut clean_inputs = Vec::new();
         let mut input_bytes = 0u64;
         let (mut min_lsn, mut max_lsn) = (u64::MAX, 0u64);
@@ -172,7 +202,7 @@ impl<D: Disk> Inner<D> {
                 (s.file.clone().expect("sealed segments have files"), s.id)
             };
             let path = self.paths.segment(partition, id);
-            let mark = (out.len(), hints.len(), kept.len());
+            let mark = (out.len(), hints.len(), kept.len(), undecided.len());
             let outcome =
                 scan_file(&*file, &path, FILE_HEADER_BYTES as u64, ScanMode::Resync, |offset, record, raw| {
                     let st = self.state.borrow();
@@ -187,29 +217,23 @@ impl<D: Disk> Inner<D> {
                             Some(location) => part.is_durable(location),
                             None => part.last_remove_lsn <= part.synced_lsn,
                         };
+                    let here = Location { slot, offset: offset as u32, value_len: record.value.len() as u32 };
                     let keep = match record.kind {
-                        RecordKind::Put => {
-                            let here = Location { slot, offset: offset as u32, value_len: record.value.len() as u32 };
-                            current == Some(here) || !settled
+                        RecordKind::Put => current == Some(here) || !settled,
+                        // A tombstone must stay while an older record could
+                        // resurrect the key.
+                        RecordKind::Remove if !settled => true,
+                        RecordKind::Remove if current.is_some() => false,
+                        RecordKind::Remove if lowest_lsn_elsewhere < record.lsn => true,
+                        RecordKind::Remove => {
+                            undecided.push((here, raw.to_vec()));
+                            false
                         }
-                        // A tombstone must stay while an older record outside
-                        // the inputs could resurrect the key.
-                        RecordKind::Remove => !settled || (current.is_none() && lowest_lsn_elsewhere < record.lsn),
                         RecordKind::Pad => false,
                     };
-                    if !keep {
-                        return;
+                    if keep {
+                        keep_record(&mut out, &mut hints, &mut kept, here, record, raw);
                     }
-                    let to = (FILE_HEADER_BYTES + out.len()) as u64;
-                    push_hint(&mut hints, to, record);
-                    kept.push(Kept {
-                        key: record.key.to_vec(),
-                        kind: record.kind,
-                        from: Location { slot, offset: offset as u32, value_len: record.value.len() as u32 },
-                        to_offset: to as u32,
-                        len: raw.len(),
-                    });
-                    out.extend_from_slice(raw);
                 })
                 .await?;
             if outcome.errors.is_empty() {
@@ -220,10 +244,33 @@ impl<D: Disk> Inner<D> {
                 out.truncate(mark.0);
                 hints.truncate(mark.1);
                 kept.truncate(mark.2);
+                undecided.truncate(mark.3);
+                // It stays, so its records count as elsewhere.
+                excluded_min_lsn =
+                    excluded_min_lsn.min(self.state.borrow().partitions[&partition].segments[slot as usize].min_lsn);
             }
         }
         if clean_inputs.is_empty() {
             return Ok(false);
+        }
+        // The oldest put the output keeps of each key.
+        let mut oldest_kept_put: std::collections::HashMap<&[u8], u64> = std::collections::HashMap::new();
+        for k in kept.iter().filter(|k| k.kind == RecordKind::Put) {
+            let lsn = oldest_kept_put.entry(&k.key).or_insert(k.lsn);
+            *lsn = (*lsn).min(k.lsn);
+        }
+        let mut shadowing = Vec::new();
+        for (here, raw) in &undecided {
+            let record = super::format::parse_record(raw).expect("scanned records parse");
+            let shadows_kept = oldest_kept_put.get(record.key).is_some_and(|lsn| *lsn < record.lsn);
+            if shadows_kept || excluded_min_lsn < record.lsn {
+                shadowing.push((*here, raw));
+            }
+        }
+        drop(oldest_kept_put);
+        for (here, raw) in shadowing {
+            let record = super::format::parse_record(raw).expect("scanned records parse");
+            keep_record(&mut out, &mut hints, &mut kept, here, &record, raw);
         }
         for entry in super::format::HintEntries::new(&hints).flatten() {
             min_lsn = min_lsn.min(entry.lsn);

@@ -108,12 +108,13 @@ pub async fn verify_and_rebase<D: Disk>(model: &RefCell<Model>, store: &ShardSto
         };
         assert!(
             allowed.contains(&got),
-            "{context}: partition {partition} key {:?} holds {:?}; allowed {:?} (acked index {} of {})",
+            "{context}: partition {partition} key {:?} holds {:?}; allowed {:?} (acked index {} of {}; history since the last check, first the state then verified: {:?})",
             String::from_utf8_lossy(&key),
             got.as_ref().map(|v| String::from_utf8_lossy(v).into_owned()),
             allowed.iter().map(|v| v.as_ref().map(|v| String::from_utf8_lossy(v).into_owned())).collect::<Vec<_>>(),
             history.acked,
             history.values.len() - 1,
+            history.values.iter().map(|v| v.as_ref().map(|v| String::from_utf8_lossy(v).into_owned())).collect::<Vec<_>>(),
         );
         history.values = vec![got];
         history.acked = 0;
