@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use clap::{Parser, ValueEnum};
+use clap::{CommandFactory, Parser, ValueEnum};
 use futures::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 use glommio::{LocalExecutorBuilder, Placement};
@@ -70,15 +70,22 @@ struct Options {
     /// Key distribution (default: the workload's own).
     #[arg(long, value_enum)]
     distribution: Option<Distribution>,
-    #[arg(long, default_value_t = 0.0)]
+    /// With --workload custom: weight of reads (weights are relative:
+    /// --read 3 --update 1 is 75% reads)
+    #[arg(long, default_value_t = 0.0, value_parser = weight)]
     read: f64,
-    #[arg(long, default_value_t = 0.0)]
+    /// With --workload custom: weight of updates of existing keys
+    #[arg(long, default_value_t = 0.0, value_parser = weight)]
     update: f64,
-    #[arg(long, default_value_t = 0.0)]
+    /// With --workload custom: weight of inserts of new keys
+    #[arg(long, default_value_t = 0.0, value_parser = weight)]
     insert: f64,
-    #[arg(long, default_value_t = 0.0)]
+    /// With --workload custom: weight of deletes
+    #[arg(long, default_value_t = 0.0, value_parser = weight)]
     delete: f64,
-    #[arg(long, default_value_t = 0.0)]
+    /// With --workload custom: weight of read-modify-writes (a read, then a
+    /// write with its context)
+    #[arg(long, default_value_t = 0.0, value_parser = weight)]
     rmw: f64,
     /// Keys in the data set.
     #[arg(long, default_value_t = 100_000)]
@@ -152,8 +159,21 @@ struct Mix {
     distribution: Distribution,
 }
 
+/// A --read/--update/... weight: finite and not negative.
+fn weight(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(w) if w.is_finite() && w >= 0.0 => Ok(w),
+        Ok(_) => Err("a weight is a number >= 0".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 impl Mix {
-    fn of(o: &Options) -> Self {
+    fn of(o: &Options) -> Result<Self, String> {
+        let custom_weights = [o.read, o.update, o.insert, o.delete, o.rmw];
+        if o.workload != Workload::Custom && custom_weights.iter().any(|w| *w > 0.0) {
+            return Err("--read/--update/--insert/--delete/--rmw apply to --workload custom only".into());
+        }
         use Distribution::*;
         let (weights, distribution) = match o.workload {
             Workload::A => (vec![(Op::Read, 0.5), (Op::Update, 0.5)], Zipfian),
@@ -173,11 +193,16 @@ impl Mix {
             ),
         };
         let total: f64 = weights.iter().map(|(_, w)| w).sum();
-        assert!(total > 0.0, "the custom mix needs at least one of --read --update --insert --delete --rmw");
-        Self {
+        if total <= 0.0 {
+            return Err(
+                "--workload custom needs a weight above 0 for at least one of --read --update --insert --delete --rmw"
+                    .into(),
+            );
+        }
+        Ok(Self {
             weights: weights.into_iter().map(|(op, w)| (op, w / total)).collect(),
             distribution: o.distribution.unwrap_or(distribution),
-        }
+        })
     }
 
     fn pick(&self, rng: &mut ChaCha8Rng) -> Op {
@@ -693,8 +718,9 @@ fn percentiles(h: &Histogram<u64>) -> [f64; 6] {
 fn main() {
     let o = Options::parse();
     ringkv::runtime::end_on_closed_stdout();
+    let mix =
+        Mix::of(&o).unwrap_or_else(|e| Options::command().error(clap::error::ErrorKind::ArgumentConflict, e).exit());
     let node = node_status(&o);
-    let mix = Mix::of(&o);
     let shard_aware = node.is_some() && !o.no_shard_aware;
     let shards = node.as_ref().map_or(1, |n| n.shard_count) as usize;
     let next_insert = Arc::new(AtomicU64::new(o.records));
