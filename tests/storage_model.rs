@@ -3,7 +3,7 @@
 //! at random disk operations (also during recovery), torn unsynced writes,
 //! and reopen, checked against a BTreeMap model after every reopen.
 //!
-//! Sequences: `RINGKV_MODEL_SEQUENCES` (default 2000 in group mode, plus a
+//! Sequences: `RINGKV_MODEL_SEQUENCES` (default 20,000 in group mode, plus a
 //! quarter as many in interval and none modes). A failing seed prints itself;
 //! `RINGKV_MODEL_SEED=<seed>` replays just that one.
 
@@ -23,7 +23,7 @@ use ringkv::storage::{ShardLayout, ShardStore};
 const LAYOUT: ShardLayout = ShardLayout { shard: 0, shard_count: 1, partition_count: 4 };
 
 fn sequences() -> u64 {
-    std::env::var("RINGKV_MODEL_SEQUENCES").ok().and_then(|v| v.parse().ok()).unwrap_or(2000)
+    std::env::var("RINGKV_MODEL_SEQUENCES").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000)
 }
 
 /// One sequence: several open/workload/crash-or-close cycles on one disk.
