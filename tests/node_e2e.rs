@@ -457,80 +457,103 @@ fn a_pipeline_mixing_reads_and_writes_gets_every_reply_by_request_id() {
 
 /// Redis clients expect pipelined commands to take effect one after another:
 /// a GET after a SET of the same key in one pipeline sees it, in `group`
-/// mode too (where a write is visible only once durable). One pipeline of
-/// random commands over a few hot keys, sent in one write; every reply must
-/// equal what sequential execution against a model gives.
+/// mode too (where a write is visible only once durable). Pipelines of
+/// random commands over a few hot keys, each sent in one write or (every
+/// other one) cut into random pieces, so commands arrive split across
+/// reads; every reply must equal what sequential execution against a
+/// model gives. `RINGKV_PIPELINE_SEEDS` (default 4) pipelines per mode.
 #[test]
 fn a_redis_pipeline_behaves_as_if_its_commands_ran_one_after_another() {
-    use std::collections::HashMap;
-    use std::io::{Read, Write};
+    let seeds: u64 = std::env::var("RINGKV_PIPELINE_SEEDS").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
     for sync in ["group", "none"] {
         let dir = scratch("e2e-pipeline-");
         let node = Node::start(&dir.path().join("data"), "127.0.0.25", &["--shards", "2", "--sync", sync]);
-        let mut model: HashMap<String, String> = HashMap::new();
-        let mut request = Vec::new();
-        let mut expected = Vec::new();
-        let command = |out: &mut Vec<u8>, args: &[&str]| {
-            out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
-            for a in args {
-                out.extend_from_slice(format!("${}\r\n{a}\r\n", a.len()).as_bytes());
+        for seed in 0..seeds {
+            run_random_pipeline(&node, sync, seed);
+        }
+    }
+}
+
+/// One pipeline of `a_redis_pipeline_behaves_as_if_its_commands_ran_one_after_another`.
+fn run_random_pipeline(node: &Node, sync: &str, seed: u64) {
+    use std::collections::HashMap;
+    use std::io::{Read, Write};
+    let mut model: HashMap<String, String> = HashMap::new();
+    let mut request = Vec::new();
+    let mut expected = Vec::new();
+    let command = |out: &mut Vec<u8>, args: &[&str]| {
+        out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+        for a in args {
+            out.extend_from_slice(format!("${}\r\n{a}\r\n", a.len()).as_bytes());
+        }
+    };
+    let bulk = |out: &mut Vec<u8>, v: Option<&String>| match v {
+        Some(v) => out.extend_from_slice(format!("${}\r\n{v}\r\n", v.len()).as_bytes()),
+        None => out.extend_from_slice(b"$-1\r\n"),
+    };
+    let mut state = 0x9e37_79b9_u64 ^ seed.wrapping_mul(0x2545_f491_4f6c_dd1d);
+    let mut next = |n: u64| {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (state >> 33) % n
+    };
+    for i in 0..2000 {
+        let key = format!("s{seed}-hot{}", next(6));
+        match next(10) {
+            0..=3 => {
+                let value = format!("v{i}");
+                command(&mut request, &["SET", &key, &value]);
+                expected.extend_from_slice(b"+OK\r\n");
+                model.insert(key, value);
             }
-        };
-        let bulk = |out: &mut Vec<u8>, v: Option<&String>| match v {
-            Some(v) => out.extend_from_slice(format!("${}\r\n{v}\r\n", v.len()).as_bytes()),
-            None => out.extend_from_slice(b"$-1\r\n"),
-        };
-        let mut state = 0x9e37_79b9_u64;
-        let mut next = |n: u64| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (state >> 33) % n
-        };
-        for i in 0..2000 {
-            let key = format!("hot{}", next(6));
-            match next(10) {
-                0..=3 => {
-                    let value = format!("v{i}");
-                    command(&mut request, &["SET", &key, &value]);
-                    expected.extend_from_slice(b"+OK\r\n");
-                    model.insert(key, value);
-                }
-                4..=6 => {
-                    command(&mut request, &["GET", &key]);
-                    bulk(&mut expected, model.get(&key));
-                }
-                7 => {
-                    command(&mut request, &["DEL", &key]);
-                    let deleted = model.remove(&key).is_some();
-                    expected.extend_from_slice(format!(":{}\r\n", u8::from(deleted)).as_bytes());
-                }
-                8 => {
-                    command(&mut request, &["EXISTS", &key]);
-                    expected.extend_from_slice(format!(":{}\r\n", u8::from(model.contains_key(&key))).as_bytes());
-                }
-                _ => {
-                    let other = format!("hot{}", next(6));
-                    command(&mut request, &["MGET", &key, &other]);
-                    expected.extend_from_slice(b"*2\r\n");
-                    bulk(&mut expected, model.get(&key));
-                    bulk(&mut expected, model.get(&other));
-                }
+            4..=6 => {
+                command(&mut request, &["GET", &key]);
+                bulk(&mut expected, model.get(&key));
+            }
+            7 => {
+                command(&mut request, &["DEL", &key]);
+                let deleted = model.remove(&key).is_some();
+                expected.extend_from_slice(format!(":{}\r\n", u8::from(deleted)).as_bytes());
+            }
+            8 => {
+                command(&mut request, &["EXISTS", &key]);
+                expected.extend_from_slice(format!(":{}\r\n", u8::from(model.contains_key(&key))).as_bytes());
+            }
+            _ => {
+                let other = format!("s{seed}-hot{}", next(6));
+                command(&mut request, &["MGET", &key, &other]);
+                expected.extend_from_slice(b"*2\r\n");
+                bulk(&mut expected, model.get(&key));
+                bulk(&mut expected, model.get(&other));
             }
         }
-        let r = std::net::SocketAddr::new(node.ip, node.redis_port);
-        let mut stream = std::net::TcpStream::connect(r).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    }
+    let r = std::net::SocketAddr::new(node.ip, node.redis_port);
+    let mut stream = std::net::TcpStream::connect(r).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    stream.set_nodelay(true).unwrap();
+    if seed.is_multiple_of(2) {
         stream.write_all(&request).unwrap();
-        let mut got = vec![0; expected.len()];
-        stream.read_exact(&mut got).unwrap();
-        if got != expected {
-            let at = got.iter().zip(&expected).position(|(a, b)| a != b).unwrap_or(0);
-            let from = at.saturating_sub(40);
-            panic!(
-                "sync {sync}: replies differ at byte {at}: got {:?}, expected {:?}",
-                String::from_utf8_lossy(&got[from..(at + 40).min(got.len())]),
-                String::from_utf8_lossy(&expected[from..(at + 40).min(expected.len())])
-            );
+    } else {
+        // Pieces of 1 to 300 bytes: commands and their arguments
+        // arrive cut at every kind of place. The replies are read only
+        // after the last piece; the kernel buffers hold them.
+        let mut at = 0;
+        while at < request.len() {
+            let piece = (1 + next(300) as usize).min(request.len() - at);
+            stream.write_all(&request[at..at + piece]).unwrap();
+            at += piece;
         }
+    }
+    let mut got = vec![0; expected.len()];
+    stream.read_exact(&mut got).unwrap();
+    if got != expected {
+        let at = got.iter().zip(&expected).position(|(a, b)| a != b).unwrap_or(0);
+        let from = at.saturating_sub(40);
+        panic!(
+            "sync {sync}, seed {seed}: replies differ at byte {at}: got {:?}, expected {:?}",
+            String::from_utf8_lossy(&got[from..(at + 40).min(got.len())]),
+            String::from_utf8_lossy(&expected[from..(at + 40).min(expected.len())])
+        );
     }
 }
 
