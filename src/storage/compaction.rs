@@ -253,24 +253,20 @@ impl<D: Disk> Inner<D> {
         if clean_inputs.is_empty() {
             return Ok(false);
         }
-        // The oldest put the output keeps of each key.
-        let mut oldest_kept_put: std::collections::HashMap<&[u8], u64> = std::collections::HashMap::new();
+        // The oldest put the output keeps of each key, by key hash: a
+        // collision can only keep a tombstone more, never drop one.
+        let mut oldest_kept_put: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
         for k in kept.iter().filter(|k| k.kind == RecordKind::Put) {
-            let lsn = oldest_kept_put.entry(&k.key).or_insert(k.lsn);
+            let lsn = oldest_kept_put.entry(super::cache::key_hash(&k.key)).or_insert(k.lsn);
             *lsn = (*lsn).min(k.lsn);
         }
-        let mut shadowing = Vec::new();
         for (here, raw) in &undecided {
             let record = super::format::parse_record(raw).expect("scanned records parse");
-            let shadows_kept = oldest_kept_put.get(record.key).is_some_and(|lsn| *lsn < record.lsn);
+            let shadows_kept =
+                oldest_kept_put.get(&super::cache::key_hash(record.key)).is_some_and(|lsn| *lsn < record.lsn);
             if shadows_kept || excluded_min_lsn < record.lsn {
-                shadowing.push((*here, raw));
+                keep_record(&mut out, &mut hints, &mut kept, *here, &record, raw);
             }
-        }
-        drop(oldest_kept_put);
-        for (here, raw) in shadowing {
-            let record = super::format::parse_record(raw).expect("scanned records parse");
-            keep_record(&mut out, &mut hints, &mut kept, here, &record, raw);
         }
         for entry in super::format::HintEntries::new(&hints).flatten() {
             min_lsn = min_lsn.min(entry.lsn);

@@ -234,10 +234,11 @@ impl<V: Copy> Default for KeyIndex<V> {
 }
 
 /// Where `key` (whose xxh3 is `hash`) is in `slots` (a power-of-two table
-/// with a free slot), or the free slot that ends its probe run.
-fn probe<V: Copy>(slots: &[Slot<V>], arena: &KeyArena, hash: u64, key: &[u8]) -> Result<usize, usize> {
+/// with a free slot), probing from slot `start`, or the free slot that ends
+/// its probe run.
+fn probe<V: Copy>(slots: &[Slot<V>], arena: &KeyArena, start: usize, hash: u64, key: &[u8]) -> Result<usize, usize> {
     let (mask, tag) = (slots.len() - 1, tag_of(hash));
-    let mut i = hash as usize & mask;
+    let mut i = start;
     loop {
         let slot = &slots[i];
         if slot.is_free() {
@@ -312,24 +313,14 @@ impl<V: Copy> KeyIndex<V> {
         if self.len == 0 {
             return None;
         }
-        if let Ok(at) = probe(&self.slots, &self.arena, hash, key) {
+        if let Ok(at) = probe(&self.slots, &self.arena, hash as usize & self.mask(), hash, key) {
             return Some(Place::New(at));
         }
-        if self.drain_left > 0 {
-            let (mask, tag) = (self.old.len() - 1, tag_of(hash));
-            let mut i = self.old_start(hash as usize & mask);
-            loop {
-                let slot = &self.old[i];
-                if slot.is_free() {
-                    break;
-                }
-                if slot.tag == tag && self.arena.key(slot.key_ref) == key {
-                    return Some(Place::Old(i));
-                }
-                i = (i + 1) & mask;
-            }
+        if self.drain_left == 0 {
+            return None;
         }
-        None
+        let start = self.old_start(hash as usize & (self.old.len() - 1));
+        probe(&self.old, &self.arena, start, hash, key).ok().map(Place::Old)
     }
 
     /// Where a probe of the old table for an entry whose home slot is
@@ -339,19 +330,21 @@ impl<V: Copy> KeyIndex<V> {
         past_arc(home, self.drain_from, self.drain_at, self.old.len() - 1)
     }
 
-    fn slot_mut(&mut self, place: Place) -> &mut Slot<V> {
+    /// The table holding `place`, and the slot's index in it.
+    fn table_mut(&mut self, place: Place) -> (&mut [Slot<V>], usize) {
         match place {
-            Place::New(at) => &mut self.slots[at],
-            Place::Old(at) => &mut self.old[at],
+            Place::New(at) => (&mut self.slots, at),
+            Place::Old(at) => (&mut self.old, at),
         }
     }
 
     pub fn get(&self, key: &[u8]) -> Option<V> {
         let place = self.place(xxh3_64(key), key)?;
-        Some(match place {
-            Place::New(at) => self.slots[at].value(),
-            Place::Old(at) => self.old[at].value(),
-        })
+        let (table, at) = match place {
+            Place::New(at) => (&self.slots, at),
+            Place::Old(at) => (&self.old, at),
+        };
+        Some(table[at].value())
     }
 
     /// Inserts or replaces; returns the previous value.
@@ -367,17 +360,11 @@ impl<V: Copy> KeyIndex<V> {
             self.grow();
         }
         let previous = match self.place(hash, key) {
-            Some(Place::New(at)) => {
-                let slot = &mut self.slots[at];
-                let previous = slot.value();
-                slot.value = MaybeUninit::new(value);
-                Some(previous)
-            }
-            Some(Place::Old(at)) => {
-                // Updated in place: the drain moves it.
-                let slot = &mut self.old[at];
-                let previous = slot.value();
-                slot.value = MaybeUninit::new(value);
+            // Updated in place, in either table (the drain moves it).
+            Some(place) => {
+                let (table, at) = self.table_mut(place);
+                let previous = table[at].value();
+                table[at].value = MaybeUninit::new(value);
                 Some(previous)
             }
             None => {
@@ -442,7 +429,8 @@ impl<V: Copy> KeyIndex<V> {
         V: PartialEq,
     {
         let Some(place) = self.place(xxh3_64(key), key) else { return false };
-        let slot = self.slot_mut(place);
+        let (table, at) = self.table_mut(place);
+        let slot = &mut table[at];
         if slot.value() != expected {
             return false;
         }
@@ -451,25 +439,18 @@ impl<V: Copy> KeyIndex<V> {
     }
 
     pub fn remove(&mut self, key: &[u8]) -> Option<V> {
-        let removed = match self.place(xxh3_64(key), key)? {
-            Place::New(at) => {
-                let removed = self.slots[at].value();
-                self.slots[at] = Slot::FREE;
-                let (arena, mask) = (&self.arena, self.mask());
-                shift_back(&mut self.slots, at, Slot::is_free, |slot| xxh3_64(arena.key(slot.key_ref)) as usize & mask);
-                removed
-            }
-            Place::Old(at) => {
-                let removed = self.old[at].value();
-                self.old[at] = Slot::FREE;
-                // The hole is never in the drained arc, so an entry whose
-                // home is there may always move back into it, as it may
-                // from a home at `drain_at`: true homes do.
-                let (arena, mask) = (&self.arena, self.old.len() - 1);
-                shift_back(&mut self.old, at, Slot::is_free, |slot| xxh3_64(arena.key(slot.key_ref)) as usize & mask);
-                removed
-            }
+        let place = self.place(xxh3_64(key), key)?;
+        // In the old table the hole is never in the drained arc, so an
+        // entry whose home is there may always move back into it, as it
+        // may from a home at `drain_at`: true homes serve in both tables.
+        let (table, at) = match place {
+            Place::New(at) => (&mut self.slots, at),
+            Place::Old(at) => (&mut self.old, at),
         };
+        let removed = table[at].value();
+        table[at] = Slot::FREE;
+        let (arena, mask) = (&self.arena, table.len() - 1);
+        shift_back(table, at, Slot::is_free, |slot| xxh3_64(arena.key(slot.key_ref)) as usize & mask);
         self.len -= 1;
         self.arena.release(key.len());
         self.key_bytes -= key.len();
