@@ -100,6 +100,10 @@ impl DiskFile for DmaFile {
     async fn truncate(&self, len: u64) -> io::Result<()> {
         self.0.truncate(len).await.map_err(into_io)
     }
+
+    async fn close(self) -> io::Result<()> {
+        self.0.close().await.map_err(into_io)
+    }
 }
 
 impl Disk for DmaDisk {

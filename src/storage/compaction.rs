@@ -425,11 +425,14 @@ impl<D: Disk> Inner<D> {
 
     /// Runs the three background loops until close.
     pub(crate) async fn run_background(self: Rc<Self>) {
+        self.background_running.set(true);
         let log = async {
             if self.state.borrow().log.is_some() && self.config.sync_mode != crate::config::SyncMode::None {
                 self.log_loop().await;
             }
         };
         futures::join!(log, self.segment_loop(), self.maintenance_loop());
+        self.background_running.set(false);
+        self.background_ended.notify();
     }
 }

@@ -24,7 +24,7 @@ use futures::FutureExt;
 use slab::Slab;
 
 use super::cache::{key_hash, Value};
-use super::disk::{is_no_space, Disk, DiskBuffer, DiskFile, OpenMode};
+use super::disk::{close_quietly, is_no_space, Disk, DiskBuffer, DiskFile, OpenMode};
 use super::format::{
     align_up, align_up_u64, encode_pad, pad_len, parse_record, HintEntries, HintEntry, HintHeader, RecordError,
     RecordKind, RecordView, SegmentHeader, SegmentKind, BLOCK_BYTES, FILE_HEADER_BYTES, RECORD_ALIGN_BYTES,
@@ -989,8 +989,12 @@ pub(crate) fn encode_hint<D: Disk>(disk: &D, header: &mut HintHeader, entries: &
 /// falls back to scanning the segment).
 pub(crate) async fn read_hint<D: Disk>(disk: &D, path: &Path) -> Option<(HintHeader, Vec<u8>)> {
     let file = disk.open(path, OpenMode::Existing).await.ok()?;
-    let size = file.size().await.ok()?;
-    let bytes = file.read_at(0, size as usize).await.ok()?;
+    let bytes = match file.size().await {
+        Ok(size) => file.read_at(0, size as usize).await,
+        Err(error) => Err(error),
+    };
+    close_quietly(file, path).await;
+    let bytes = bytes.ok()?;
     let header = match HintHeader::decode(&bytes) {
         Ok(h) => h,
         Err(error) => {
@@ -1018,6 +1022,7 @@ pub(crate) async fn write_hint<D: Disk>(disk: &D, path: &Path, mut header: HintH
     let file = disk.open(&tmp, OpenMode::CreateNew).await.map_err(|e| StorageError::io(IoOp::Open, &tmp, e))?;
     file.write_at(Rc::new(buffer), 0).await.map_err(|e| StorageError::io(IoOp::Write, &tmp, e))?;
     file.fdatasync().await.map_err(|e| StorageError::io(IoOp::Sync, &tmp, e))?;
+    close_quietly(file, &tmp).await;
     disk.rename(&tmp, path).await.map_err(|e| StorageError::io(IoOp::Rename, &tmp, e))?;
     Ok(())
 }

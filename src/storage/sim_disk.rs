@@ -407,6 +407,12 @@ impl DiskFile for SimFile {
         inode.pending.push(PendingOp::Truncate { len });
         Ok(())
     }
+
+    /// Nothing to release: a simulated file is a handle into the disk's
+    /// state, and closing has no durability effect to model.
+    async fn close(self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Future of `SimDisk::sleep`.

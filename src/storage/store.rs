@@ -19,7 +19,7 @@
 //! All state is in one `RefCell` owned by the shard; no borrow is held across
 //! an await.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -228,6 +228,12 @@ pub(crate) struct Inner<D: Disk> {
     pub flushed: Notify,
     /// A segment was sealed or a compaction may be due.
     pub maintenance_work: Notify,
+    /// The background future has started and not yet ended: `close` waits
+    /// for it before closing the files its tasks use.
+    pub background_running: Cell<bool>,
+    pub background_ended: Notify,
+    /// Held while a segment's hint file is written (`write_segment_hint`).
+    pub hint_writer: futures::lock::Mutex<()>,
 }
 
 impl<D: Disk> Inner<D> {
@@ -260,6 +266,9 @@ impl<D: Disk> Inner<D> {
             segment_work: Notify::default(),
             flushed: Notify::default(),
             maintenance_work: Notify::default(),
+            background_running: Cell::new(false),
+            background_ended: Notify::default(),
+            hint_writer: futures::lock::Mutex::new(()),
         }
     }
 
@@ -474,7 +483,13 @@ impl<D: Disk> Inner<D> {
         self.check_partition(partition)?;
         self.check_key(key)?;
         let hash = key_hash(key);
-        self.state.borrow_mut().stats.gets += 1;
+        {
+            let mut st = self.state.borrow_mut();
+            if st.closed {
+                return Err(StorageError::Closed);
+            }
+            st.stats.gets += 1;
+        }
         // A record can move (compaction) between the index lookup and the
         // read; then the lookup is repeated. Each move needs a whole
         // compaction, so a handful of attempts always suffices in practice.
@@ -521,7 +536,12 @@ impl<D: Disk> Inner<D> {
             (segment.file.clone(), segment.id, memory_start)
         };
         let path = self.paths.segment(partition, segment_id);
-        let file = file.expect("a segment without a file keeps all its bytes in memory");
+        let Some(file) = file else {
+            // A segment without a file keeps all its bytes in memory, until
+            // `close` takes the files.
+            debug_assert!(self.state.borrow().closed, "a segment without a file or buffer");
+            return Err(StorageError::Closed);
+        };
         let mut bytes = Vec::with_capacity(len);
         let end = offset + len as u64;
         let mut at = offset;
