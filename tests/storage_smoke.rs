@@ -139,3 +139,67 @@ fn a_read_racing_a_write_never_leaves_the_old_value_cached() {
         store.close().await.unwrap();
     });
 }
+
+/// The hints `close` writes for growing segments, each scanning only what
+/// was written since the segment's previous hint, are byte for byte the
+/// hints one scan of each whole segment writes; and a close with nothing
+/// written since opening reads nothing.
+#[test]
+fn hints_written_in_steps_equal_hints_from_whole_scans() {
+    use ringkv::storage::Disk;
+    let config = StorageConfig { segment_bytes: 1 << 20, ..small_config(SyncMode::Group) };
+    let hints = |disk: &SimDisk| -> Vec<(std::path::PathBuf, Vec<u8>)> {
+        let paths = disk.files().into_iter().filter(|p| p.extension().is_some_and(|e| e == "hint"));
+        paths.map(|p| (p.clone(), disk.contents(&p).expect("listed"))).collect()
+    };
+    // `round`: the writes to make (None: none); `reads_at_close`: whether
+    // the close may read (it must not when the hints on disk cover all).
+    let run = |disk: SimDisk, round: Option<u32>, reads_at_close: bool| -> (SimDisk, u64) {
+        let exec = SimExecutor::new(disk.clone());
+        let spawner = exec.spawner();
+        let close_read_bytes = exec.block_on(async {
+            let (store, bg) = ShardStore::open(disk.clone(), root(), config.clone(), LAYOUT).await.unwrap();
+            spawner.spawn(bg);
+            if let Some(round) = round {
+                for i in round * 300..(round + 1) * 300 {
+                    let key = format!("key-{}", i % 500);
+                    let value = format!("value-{i}-").repeat((i % 7) as usize + 1);
+                    store.put(i % 8, key.as_bytes(), value.as_bytes()).await.unwrap();
+                    if i % 5 == 0 {
+                        store.remove((i + 3) % 8, format!("key-{}", (i + 3) % 500).as_bytes()).await.unwrap();
+                    }
+                }
+            }
+            let (reads_before, read_bytes_before) = (disk.stats().reads, disk.stats().read_bytes);
+            store.close().await.unwrap();
+            if !reads_at_close {
+                assert_eq!(disk.stats().reads, reads_before, "a close with nothing new read segment data");
+            }
+            disk.stats().read_bytes - read_bytes_before
+        });
+        (disk.clean_image(), close_read_bytes)
+    };
+    let mut disk = SimDisk::new();
+    let mut last_step_read_bytes = 0;
+    for round in 0..4 {
+        (disk, last_step_read_bytes) = run(disk, Some(round), true);
+    }
+    let in_steps = hints(&disk);
+    assert_eq!(in_steps.len(), 8, "one active segment per partition, each with a hint");
+    disk = run(disk, None, false).0;
+    assert_eq!(hints(&disk), in_steps, "a close with nothing new left the hints as they were");
+    let exec = SimExecutor::new(disk.clone());
+    exec.block_on(async {
+        for (path, _) in &in_steps {
+            disk.remove(path).await.unwrap();
+        }
+    });
+    let (disk, whole_scan_read_bytes) = run(disk.clean_image(), None, true);
+    assert_eq!(hints(&disk), in_steps, "hints from whole scans differ from hints written in steps");
+    // The fourth close scanned about a quarter of the data, and read the
+    // previous hints.
+    assert!(
+        last_step_read_bytes * 2 < whole_scan_read_bytes,
+        "the last close read {last_step_read_bytes} bytes, one whole scan {whole_scan_read_bytes}"
+    );
+}

@@ -30,8 +30,8 @@ use super::format::{
 };
 use super::index::{KeyIndex, Location};
 use super::segment::{
-    check_segment_header, push_hint, read_hint, scan_file, slot_id, tail_bytes_min, write_hint, PartitionState,
-    ScanMode, SegmentBuffer, SegmentState,
+    check_segment_header, push_hint, read_hint, scan_file, scan_file_to, slot_id, tail_bytes_min, write_hint,
+    PartitionState, ScanMode, SegmentBuffer, SegmentState,
 };
 use super::store::{Inner, Paths};
 use super::{IoOp, Result, StorageError};
@@ -245,6 +245,7 @@ impl<D: Disk> Inner<D> {
                     start = hint.covered_end;
                     state.data_end = hint.covered_end;
                     state.hinted = hint.sealed;
+                    state.hint_end = hint.covered_end;
                 }
             }
             let is_active = Some(id) == active_id && !state.hinted;
@@ -635,13 +636,17 @@ impl<D: Disk> Inner<D> {
     }
 
     /// Scans a segment's file and writes its hint file. `sealed` says the
-    /// hint covers a segment that will not grow.
+    /// hint covers a segment that will not grow. A hint already on disk
+    /// describes a prefix of the segment (segments only grow), so only the
+    /// bytes past it are scanned: closing a store then reads what was
+    /// written since its last hint, not every active segment whole
+    /// (measured: 2.2 s to close 1.3 GB untouched since opening).
     pub(crate) async fn write_segment_hint(&self, partition: u32, slot: u16, sealed: bool) -> Result<()> {
         // One hint write at a time: `close` and the maintenance task can
         // pick the same segment, and each writer starts by removing the
         // hint's temporary file, which may be the other's, just opened.
         let _writing = self.hint_writer.lock().await;
-        let (file, id, data_end) = {
+        let (file, id, data_end, hint_end) = {
             let st = self.state.borrow();
             let Some(segment) = st.partitions.get(&partition).and_then(|p| p.segments.get(slot as usize)) else {
                 return Ok(());
@@ -650,19 +655,39 @@ impl<D: Disk> Inner<D> {
                 // Written (sealed) while this call waited its turn.
                 return Ok(());
             }
-            (segment.file.clone(), segment.id, segment.data_end)
+            if !sealed && segment.hint_end == segment.data_end {
+                // Nothing written since the hint on disk.
+                return Ok(());
+            }
+            (segment.file.clone(), segment.id, segment.data_end, segment.hint_end)
         };
         let Some(file) = file else { return Ok(()) };
         let path = self.paths.segment(partition, id);
+        let hint_path = self.paths.hint(partition, id);
+        let mut start = FILE_HEADER_BYTES as u64;
         let mut entries = Vec::new();
-        let (mut min_lsn, mut max_lsn) = (u64::MAX, 0);
-        let outcome = scan_file(&*file, &path, FILE_HEADER_BYTES as u64, ScanMode::Resync, |offset, record, _| {
-            if offset < data_end {
-                push_hint(&mut entries, offset, record);
-                if record.kind != RecordKind::Pad {
-                    min_lsn = min_lsn.min(record.lsn);
-                    max_lsn = max_lsn.max(record.lsn);
+        let (mut entry_count, mut min_lsn, mut max_lsn) = (0u64, u64::MAX, 0);
+        if hint_end > start && hint_end <= data_end {
+            match read_hint(&self.disk, &hint_path).await {
+                Some((old, old_entries))
+                    if old.partition == partition && old.segment_id == id && old.covered_end == hint_end =>
+                {
+                    start = hint_end;
+                    entries = old_entries;
+                    (entry_count, min_lsn, max_lsn) = (old.entry_count, old.min_lsn, old.max_lsn);
                 }
+                // Unreadable or not the one recorded: scan the whole segment.
+                _ => {}
+            }
+        }
+        // Up to the bytes in use: an active segment's preallocated space
+        // follows them.
+        let outcome = scan_file_to(&*file, &path, start, data_end, ScanMode::Resync, |offset, record, _| {
+            if offset < data_end && record.kind != RecordKind::Pad {
+                push_hint(&mut entries, offset, record);
+                entry_count += 1;
+                min_lsn = min_lsn.min(record.lsn);
+                max_lsn = max_lsn.max(record.lsn);
             }
         })
         .await?;
@@ -678,19 +703,18 @@ impl<D: Disk> Inner<D> {
             partition,
             segment_id: id,
             covered_end,
-            entry_count: outcome.records,
+            entry_count,
             entries_len: 0,
             entries_crc: 0,
             min_lsn,
             max_lsn,
         };
-        write_hint(&self.disk, &self.paths.hint(partition, id), header, &entries).await?;
+        write_hint(&self.disk, &hint_path, header, &entries).await?;
         let dir = self.paths.partition_dir(partition);
         self.disk.sync_dir(&dir).await.map_err(|e| StorageError::io(IoOp::SyncDir, &dir, e))?;
-        if sealed {
-            if let Some(segment) = self.state.borrow_mut().segment_mut(partition, slot) {
-                segment.hinted = true;
-            }
+        if let Some(segment) = self.state.borrow_mut().segment_mut(partition, slot) {
+            segment.hint_end = covered_end;
+            segment.hinted |= sealed;
         }
         Ok(())
     }

@@ -74,6 +74,9 @@ pub(crate) struct SegmentState<D: Disk> {
     pub allocated: u64,
     /// A hint file covering the whole segment exists.
     pub hinted: bool,
+    /// End of the bytes the segment's hint file on disk describes (0: no
+    /// hint). The next hint of a growing segment scans only past it.
+    pub hint_end: u64,
 }
 
 impl<D: Disk> SegmentState<D> {
@@ -89,6 +92,7 @@ impl<D: Disk> SegmentState<D> {
             max_lsn: 0,
             sealed: false,
             hinted: false,
+            hint_end: 0,
             allocated: 0,
         }
     }
@@ -876,9 +880,22 @@ pub(crate) async fn scan_file<F: DiskFile>(
     path: &Path,
     start: u64,
     mode: ScanMode,
+    visit: impl FnMut(u64, &RecordView<'_>, &[u8]),
+) -> Result<ScanOutcome> {
+    scan_file_to(file, path, start, u64::MAX, mode, visit).await
+}
+
+/// `scan_file` stopping at `end` (or the file's end, if sooner): the end of
+/// the bytes in use, for a segment whose preallocated space follows.
+pub(crate) async fn scan_file_to<F: DiskFile>(
+    file: &F,
+    path: &Path,
+    start: u64,
+    end: u64,
+    mode: ScanMode,
     mut visit: impl FnMut(u64, &RecordView<'_>, &[u8]),
 ) -> Result<ScanOutcome> {
-    let file_bytes = file.size().await.map_err(|e| StorageError::io(IoOp::Stat, path, e))?;
+    let file_bytes = file.size().await.map_err(|e| StorageError::io(IoOp::Stat, path, e))?.min(end);
     let mut outcome = ScanOutcome { valid_end: start, file_bytes, ..ScanOutcome::default() };
     let mut buf: Vec<u8> = Vec::new();
     let mut buf_start = start;

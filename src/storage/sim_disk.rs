@@ -90,6 +90,7 @@ pub struct SimStats {
     pub writes: u64,
     pub written_bytes: u64,
     pub reads: u64,
+    pub read_bytes: u64,
     pub fsyncs: u64,
     pub dir_syncs: u64,
 }
@@ -356,7 +357,9 @@ impl DiskFile for SimFile {
             let data = &s.inodes[&self.inode].data;
             let start = (pos as usize).min(data.len());
             let end = (pos as usize).saturating_add(len).min(data.len());
-            (data[start..end].to_vec(), s.read_yields)
+            let bytes = data[start..end].to_vec();
+            s.stats.read_bytes += bytes.len() as u64;
+            (bytes, s.read_yields)
         };
         for _ in 0..yields {
             super::sync::yield_now().await;
