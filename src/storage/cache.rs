@@ -57,13 +57,22 @@ pub struct Value {
 }
 
 impl Value {
-    /// A value for `key` (copies both into one allocation).
+    /// A value for `key` (copies both into one allocation). Built in place:
+    /// `Rc::from(Vec)` allocates twice and copies twice, and every SET
+    /// makes one of these (malloc and free were ~7% of a SET profile).
     pub fn new(key: &[u8], value: &[u8]) -> Self {
         let key_len = u16::try_from(key.len()).expect("keys are at most 64 KiB");
-        let mut record = Vec::with_capacity(key.len() + value.len());
-        record.extend_from_slice(key);
-        record.extend_from_slice(value);
-        Self { record: Rc::from(record), key_len }
+        let mut record = Rc::<[u8]>::new_uninit_slice(key.len() + value.len());
+        let bytes = Rc::get_mut(&mut record).expect("a new Rc is unique").as_mut_ptr().cast::<u8>();
+        // SAFETY: `bytes` points at key.len() + value.len() writable bytes
+        // that no slice overlaps; both copies together initialize them all,
+        // which is what `assume_init` requires.
+        let record = unsafe {
+            std::ptr::copy_nonoverlapping(key.as_ptr(), bytes, key.len());
+            std::ptr::copy_nonoverlapping(value.as_ptr(), bytes.add(key.len()), value.len());
+            record.assume_init()
+        };
+        Self { record, key_len }
     }
 
     /// The key this value was made for.
