@@ -90,6 +90,7 @@ pub fn decode_request(opcode: u8, body: &[u8]) -> Result<Request<'_>, RequestErr
             }
             Request::Delete { key, context }
         }
+        Opcode::Status if !body.is_empty() => return Err(RequestError::Malformed("a status request has no body")),
         Opcode::Status => Request::Status,
         Opcode::Batch => Request::Batch(body),
         Opcode::Overwrite => {
@@ -282,6 +283,31 @@ mod tests {
         assert!(decode_request(Opcode::Put as u8, &[5, 0, b'a']).is_err());
         assert!(decode_request(Opcode::Put as u8, &[1, 0, b'a', 0xff, 0xff, 0xff, 0xff]).is_err());
         assert!(decode_request(Opcode::Delete as u8, &[1, 0, b'a', 0, 0, 0, 0, 1]).is_err());
+        assert!(decode_request(Opcode::Status as u8, &[0]).is_err());
+    }
+
+    proptest::proptest! {
+        /// Any opcode with any body decodes or is refused, never panics; a
+        /// decoded request encodes back to the same body.
+        #[test]
+        fn any_body_decodes_or_is_refused(opcode in proptest::num::u8::ANY, body in proptest::collection::vec(proptest::num::u8::ANY, 0..64)) {
+            if let Ok(request) = decode_request(opcode, &body) {
+                let mut again = Vec::new();
+                encode_request(&mut again, &request);
+                proptest::prop_assert_eq!(again, body);
+            }
+        }
+
+        /// Batches of any bytes: every sub-request is returned or refused.
+        #[test]
+        fn any_batch_body_is_walked_without_panicking(body in proptest::collection::vec(proptest::num::u8::ANY, 0..64)) {
+            for (_, sub) in batch::requests(&body).flatten() {
+                proptest::prop_assert!(sub.len() <= body.len());
+            }
+            for (_, _, sub) in batch::responses(&body).flatten() {
+                proptest::prop_assert!(sub.len() <= body.len());
+            }
+        }
     }
 
     #[test]

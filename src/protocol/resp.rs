@@ -220,6 +220,52 @@ mod tests {
         assert!(matches!(parse_command(b"*1\r\n$2\r\nabX\r\n", LIMITS, &mut args), Err(RespError::Protocol(_))));
     }
 
+    /// A command as a client encodes it (array of bulk strings).
+    fn encode_command(args: &[Vec<u8>]) -> Vec<u8> {
+        let mut out = format!("*{}\r\n", args.len()).into_bytes();
+        for arg in args {
+            out.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
+            out.extend_from_slice(arg);
+            out.extend_from_slice(b"\r\n");
+        }
+        out
+    }
+
+    proptest::proptest! {
+        /// Whatever arrives, the parser returns (no panic), consumes no
+        /// more than it was given, and points only inside what it consumed.
+        #[test]
+        fn any_bytes_give_an_answer_within_bounds(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
+            let mut args = Vec::new();
+            if let Ok(Some(used)) = parse_command(&bytes, LIMITS, &mut args) {
+                proptest::prop_assert!(used <= bytes.len());
+                for range in &args {
+                    proptest::prop_assert!(range.start <= range.end && range.end <= used);
+                }
+            }
+        }
+
+        /// A well-formed command, whatever its bytes (CR, LF, '*' and '$'
+        /// inside arguments included), parses to exactly its arguments;
+        /// cut anywhere it asks for more; bytes after it are left alone.
+        #[test]
+        fn encoded_commands_parse_back_at_every_cut(
+            args in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 0..40), 1..6),
+            trailing in proptest::collection::vec(proptest::num::u8::ANY, 0..20),
+        ) {
+            let command = encode_command(&args);
+            let mut found = Vec::new();
+            for cut in 0..command.len() {
+                proptest::prop_assert_eq!(parse_command(&command[..cut], LIMITS, &mut found), Ok(None), "cut at {}", cut);
+            }
+            let mut buf = command.clone();
+            buf.extend_from_slice(&trailing);
+            proptest::prop_assert_eq!(parse_command(&buf, LIMITS, &mut found), Ok(Some(command.len())));
+            let parsed: Vec<Vec<u8>> = found.iter().map(|r| buf[r.clone()].to_vec()).collect();
+            proptest::prop_assert_eq!(parsed, args);
+        }
+    }
+
     #[test]
     fn replies() {
         let mut out = Vec::new();
