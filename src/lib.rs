@@ -9,6 +9,8 @@
 //!   compaction. All I/O goes through the `storage::Disk` seam.
 //! - `runtime/`: the only code that calls glommio (spawn, timers, DMA disk).
 //! - `config`: every knob, with units in names and relations validated.
+//! - `verify`: `ringkv verify`, the offline check of a stopped node's data
+//!   directory (every record of every segment read back and checked).
 //!
 //! # Invariants
 //!
@@ -33,3 +35,4 @@ pub mod runtime;
 pub mod server;
 pub mod shard;
 pub mod storage;
+pub mod verify;

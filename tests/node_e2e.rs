@@ -613,3 +613,49 @@ fn a_read_is_not_held_behind_an_earlier_write_waiting_for_its_sync() {
     let got = block_on(node.client().get(b"written")).unwrap().unwrap();
     assert_eq!(got.siblings, vec![b"v".to_vec()]);
 }
+
+/// `ringkv verify` on a stopped node's directory: intact after a clean stop;
+/// refused (exit 2) while a node holds the directory; after one flipped
+/// bit in a segment, exit 1 naming the file and the record's offset.
+#[test]
+fn verify_reports_an_intact_directory_and_names_a_damaged_record() {
+    let dir = scratch("e2e-verify-");
+    let data = dir.path().join("data");
+    let data_arg = data.display().to_string();
+    let mut node = Node::start(&data, "127.0.0.27", &["--shards", "2"]);
+    let client = node.client();
+    for i in 0..200 {
+        block_on(client.put(format!("key-{i}").as_bytes(), format!("value-{i}").as_bytes(), None)).unwrap();
+    }
+    let (ok, _, err) = cli(&["verify", "--data-dir", &data_arg]);
+    assert!(!ok && err.contains("in use by another process"), "a running node's directory was not refused: {err}");
+    assert!(node.terminate(Duration::from_secs(30)).success(), "{}", node.log());
+
+    let run = || {
+        let out = std::process::Command::new(support::BIN).args(["verify", "--data-dir", &data_arg]).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (code, report) = run();
+    assert_eq!(code, Some(0), "{report}");
+    let keys: u64 =
+        report.lines().filter_map(|l| l.split_once(" keys;")?.0.rsplit(' ').next()?.parse::<u64>().ok()).sum();
+    assert_eq!(keys, 200, "{report}");
+    assert!(report.contains("verdict: intact"), "{report}");
+
+    // One bit of the first record of one segment.
+    let segment = std::fs::read_dir(data.join("partitions"))
+        .unwrap()
+        .flat_map(|p| std::fs::read_dir(p.unwrap().path()).unwrap())
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "seg"))
+        .expect("a segment");
+    let mut bytes = std::fs::read(&segment).unwrap();
+    let record_byte = 4096 + 40;
+    bytes[record_byte] ^= 0x10;
+    std::fs::write(&segment, &bytes).unwrap();
+    let (code, report) = run();
+    assert_eq!(code, Some(1), "{report}");
+    let name = segment.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(report.contains(&name) && report.contains("at offset 4096"), "{report}");
+    assert!(report.contains("verdict: 1 damaged record;"), "{report}");
+}

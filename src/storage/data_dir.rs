@@ -35,18 +35,7 @@ impl DataDir {
     /// many shards and partitions.
     pub fn open(root: &Path, shard_count: u32, partition_count: u32) -> Result<Self> {
         fs::create_dir_all(root).map_err(io(IoOp::CreateDir, root))?;
-        let lock_path = root.join(LOCK_FILE);
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io(IoOp::Open, &lock_path))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => return Err(StorageError::Locked { path: root.to_owned() }),
-            Err(std::fs::TryLockError::Error(e)) => return Err(StorageError::io(IoOp::Lock, &lock_path, e)),
-        }
+        let lock = Self::lock(root)?;
         let manifest_path = root.join(MANIFEST_FILE);
         let wanted = ManifestHeader { shard_count, partition_count };
         let manifest = match fs::read(&manifest_path) {
@@ -73,6 +62,40 @@ impl DataDir {
             Err(e) => return Err(StorageError::io(IoOp::Read, &manifest_path, e)),
         };
         Ok(Self { root: root.to_owned(), _lock: lock, manifest })
+    }
+
+    /// Locks an existing data directory as it is, with the layout its
+    /// manifest records: creates nothing and changes nothing (for offline
+    /// tools, which must not relayout or initialise what they inspect).
+    pub fn open_existing(root: &Path) -> Result<Self> {
+        let manifest_path = root.join(MANIFEST_FILE);
+        let bytes = match fs::read(&manifest_path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StorageError::NotADataDirectory { path: root.to_owned() })
+            }
+            Err(e) => return Err(StorageError::io(IoOp::Read, &manifest_path, e)),
+        };
+        let manifest =
+            ManifestHeader::decode(&bytes).map_err(|error| StorageError::BadFile { path: manifest_path, error })?;
+        let lock = Self::lock(root)?;
+        Ok(Self { root: root.to_owned(), _lock: lock, manifest })
+    }
+
+    /// Takes the directory's lock file (held until drop).
+    fn lock(root: &Path) -> Result<File> {
+        let lock_path = root.join(LOCK_FILE);
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io(IoOp::Open, &lock_path))?;
+        match lock.try_lock() {
+            Ok(()) => Ok(lock),
+            Err(std::fs::TryLockError::WouldBlock) => Err(StorageError::Locked { path: root.to_owned() }),
+            Err(std::fs::TryLockError::Error(e)) => Err(StorageError::io(IoOp::Lock, &lock_path, e)),
+        }
     }
 
     pub fn root(&self) -> &Path {

@@ -108,6 +108,8 @@ pub enum StorageError {
     Corrupt { path: PathBuf, offset: u64, error: RecordError },
     #[error("data directory {path} is in use by another process (its lock file is held)")]
     Locked { path: PathBuf },
+    #[error("{path} is not a ringkv data directory (it has no MANIFEST)")]
+    NotADataDirectory { path: PathBuf },
     #[error("partition {partition} is not owned by shard {shard} of {shard_count}")]
     WrongShard { partition: u32, shard: u32, shard_count: u32 },
     #[error("partition {partition} is out of range (the ring has {partition_count} partitions)")]
