@@ -39,6 +39,8 @@ pub struct ShardFindings {
     pub segments: u64,
     pub records: u64,
     pub segment_bytes: u64,
+    /// Hint files compared with their segments.
+    pub hints: u64,
     pub keys: u64,
     /// Damaged records: file, offset, what is wrong.
     pub damage: Vec<(PathBuf, u64, String)>,
@@ -71,8 +73,8 @@ impl Findings {
         for s in &self.shards {
             let _ = write!(
                 out,
-                "shard {}: {} keys; {} partitions with data, {} segments, {} records, {} bytes read: ",
-                s.shard, s.keys, s.partitions, s.segments, s.records, s.segment_bytes
+                "shard {}: {} keys; {} partitions with data, {} segments, {} records, {} bytes read, {} hints compared: ",
+                s.shard, s.keys, s.partitions, s.segments, s.records, s.segment_bytes, s.hints
             );
             match (&s.failure, s.damage.len()) {
                 (Some(failure), _) => {
@@ -159,9 +161,11 @@ async fn verify_shard(root: PathBuf, marker: PathBuf, storage: StorageConfig, la
                 findings.segments += report.segments;
                 findings.records += report.records;
                 findings.segment_bytes += report.bytes;
+                findings.hints += report.hints;
                 findings
                     .damage
                     .extend(report.errors.into_iter().map(|(path, offset, e)| (path, offset, e.to_string())));
+                findings.damage.extend(report.hint_mismatches.into_iter().map(|(path, what)| (path, 0, what)));
             }
             Err(e) => {
                 findings.failure = Some(format!("partition {partition}: {e}"));

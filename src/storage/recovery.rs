@@ -695,6 +695,14 @@ impl<D: Disk> Inner<D> {
             // Never describe a damaged segment by a hint: recovery must keep
             // scanning it (and reporting the damage).
             tracing::error!(path = %path.display(), errors = outcome.errors.len(), "segment has corrupt records; no hint written");
+            if sealed {
+                // Nothing more to do for it in this run (as after a failed
+                // hint write): left unhinted, the maintenance task would
+                // rescan it at once, for ever.
+                if let Some(segment) = self.state.borrow_mut().segment_mut(partition, slot) {
+                    segment.hinted = true;
+                }
+            }
             return Ok(());
         }
         let covered_end = outcome.valid_end.min(data_end).max(FILE_HEADER_BYTES as u64);

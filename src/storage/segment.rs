@@ -72,7 +72,8 @@ pub(crate) struct SegmentState<D: Disk> {
     pub sealed: bool,
     /// The file's size as allocated (preallocation runs ahead of writes).
     pub allocated: u64,
-    /// A hint file covering the whole segment exists.
+    /// A hint file covering the whole segment exists, or none will be
+    /// written in this run (the segment is damaged, or writing it failed).
     pub hinted: bool,
     /// End of the bytes the segment's hint file on disk describes (0: no
     /// hint). The next hint of a growing segment scans only past it.
@@ -285,6 +286,8 @@ pub(crate) struct PartitionState<D: Disk> {
     pub sync_target: u64,
     pub flushing: bool,
     pub compacting: bool,
+    /// `verify` is reading the partition's hints: no compaction starts.
+    pub verifying: bool,
     pub dir_ready: bool,
     /// A file was created in the partition directory since its last sync.
     pub dir_sync_pending: bool,
@@ -305,6 +308,7 @@ impl<D: Disk> PartitionState<D> {
             sync_target: 0,
             flushing: false,
             compacting: false,
+            verifying: false,
             dir_ready: false,
             dir_sync_pending: false,
         }

@@ -107,6 +107,11 @@ pub struct VerifyReport {
     pub bytes: u64,
     /// (segment path, offset, what is wrong)
     pub errors: Vec<(PathBuf, u64, RecordError)>,
+    /// Hint files read and compared with their segments.
+    pub hints: u64,
+    /// Hints (valid by their own checksum) whose entries differ from what
+    /// a scan of their segment gives: recovery would trust them.
+    pub hint_mismatches: Vec<(PathBuf, String)>,
 }
 
 pub(crate) struct Paths {

@@ -289,5 +289,6 @@ pub async fn assert_verified<D: Disk>(store: &ShardStore<D>, context: &str) {
     for partition in store.partitions() {
         let report = store.verify(partition).await.unwrap_or_else(|e| panic!("{context}: verify: {e}"));
         assert!(report.errors.is_empty(), "{context}: partition {partition}: {:?}", report.errors);
+        assert!(report.hint_mismatches.is_empty(), "{context}: partition {partition}: {:?}", report.hint_mismatches);
     }
 }
