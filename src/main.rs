@@ -107,7 +107,8 @@ enum Command {
         #[arg(long, default_value = "ringkv-data")]
         data_dir: PathBuf,
         /// The node's TOML configuration, for its storage section (sync
-        /// mode, sizes) [default: the defaults].
+        /// mode, sizes) [default: the defaults, in sync mode `none`, which
+        /// creates no commit-log files; existing logs are replayed either way].
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -159,8 +160,14 @@ fn override_with<T>(setting: &mut T, flag: Option<T>) {
 }
 
 /// `ringkv verify`: prints the report; the exit status says what it found.
-fn verify(data_dir: &std::path::Path, config: Option<&PathBuf>) -> Result<ExitCode, String> {
-    let config = load_config(config)?;
+fn verify(data_dir: &std::path::Path, config_path: Option<&PathBuf>) -> Result<ExitCode, String> {
+    let mut config = load_config(config_path)?;
+    if config_path.is_none() {
+        // `none` creates no commit-log files of its own (recovery replays
+        // whatever logs there are in every mode): verifying a directory
+        // leaves no file the node would not have made itself.
+        config.storage.sync_mode = SyncMode::None;
+    }
     Ok(match ringkv::verify::verify_data_dir(data_dir, config.storage, config.node.io_memory_bytes) {
         Ok(findings) => {
             print!("{}", findings.report());
