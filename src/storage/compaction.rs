@@ -111,10 +111,12 @@ impl<D: Disk> Inner<D> {
             if let Some((partition, slot)) = hint_job {
                 if let Err(error) = self.write_segment_hint(partition, slot, true).await {
                     tracing::warn!(partition, %error, "writing a hint file failed; the segment will be scanned on open");
-                    // Do not retry in a loop: mark it as done for this run.
-                    if let Some(s) = self.state.borrow_mut().segment_mut(partition, slot) {
-                        s.hinted = true;
-                    }
+                }
+                // One attempt per segment and run, whatever came of it: a
+                // failed write or a damaged segment (which gets no hint)
+                // left unhinted would be picked again at once, for ever.
+                if let Some(s) = self.state.borrow_mut().segment_mut(partition, slot) {
+                    s.hinted = true;
                 }
                 continue;
             }

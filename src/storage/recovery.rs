@@ -683,7 +683,7 @@ impl<D: Disk> Inner<D> {
         // Up to the bytes in use: an active segment's preallocated space
         // follows them.
         let outcome = scan_file_to(&*file, &path, start, data_end, ScanMode::Resync, |offset, record, _| {
-            if offset < data_end && record.kind != RecordKind::Pad {
+            if record.kind != RecordKind::Pad {
                 push_hint(&mut entries, offset, record);
                 entry_count += 1;
                 min_lsn = min_lsn.min(record.lsn);
@@ -695,14 +695,6 @@ impl<D: Disk> Inner<D> {
             // Never describe a damaged segment by a hint: recovery must keep
             // scanning it (and reporting the damage).
             tracing::error!(path = %path.display(), errors = outcome.errors.len(), "segment has corrupt records; no hint written");
-            if sealed {
-                // Nothing more to do for it in this run (as after a failed
-                // hint write): left unhinted, the maintenance task would
-                // rescan it at once, for ever.
-                if let Some(segment) = self.state.borrow_mut().segment_mut(partition, slot) {
-                    segment.hinted = true;
-                }
-            }
             return Ok(());
         }
         let covered_end = outcome.valid_end.min(data_end).max(FILE_HEADER_BYTES as u64);
