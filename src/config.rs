@@ -157,6 +157,10 @@ pub struct NodeConfig {
     pub spin_before_park_us: u64,
     /// Bounded queue of request batches into each shard from the others.
     pub peer_queue_batches: usize,
+    /// Replies of different connections that leave together (see
+    /// `outbox`): a finished reply waits until this many are ready or the
+    /// shard has nothing else to run. 1 sends each reply at once.
+    pub reply_burst_max: usize,
 }
 
 impl Default for NodeConfig {
@@ -178,6 +182,7 @@ impl Default for NodeConfig {
             io_memory_bytes: 1 << 20,
             spin_before_park_us: 0,
             peer_queue_batches: 256,
+            reply_burst_max: 8,
         }
     }
 }
@@ -194,6 +199,7 @@ impl NodeConfig {
         require(self.siblings_max >= 1, "node.siblings_max", || "must be at least 1".into())?;
         require(self.connections_max_per_shard >= 1, "node.connections_max_per_shard", || "must be at least 1".into())?;
         require(self.peer_queue_batches >= 1, "node.peer_queue_batches", || "must be at least 1".into())?;
+        require(self.reply_burst_max >= 1, "node.reply_burst_max", || "must be at least 1".into())?;
         require(self.read_timeout_ms >= 1, "node.read_timeout_ms", || "must be at least 1".into())?;
         require(self.value_bytes_max >= 1 && self.value_bytes_max <= 64 << 20, "node.value_bytes_max", || {
             "must be 1..=64 MiB".into()

@@ -29,6 +29,7 @@ pub mod client;
 pub mod config;
 pub mod logic;
 pub mod node;
+pub mod outbox;
 pub mod protocol;
 pub mod redis;
 pub mod runtime;

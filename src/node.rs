@@ -238,6 +238,7 @@ async fn shard_main(setup: ShardSetup) {
     let _ = control.recv().await;
     shard.stopping.set(true);
     shard.stop.notify();
+    shard.outbox.stop();
     // Drain: connections finish their current turn and close.
     let deadline = std::time::Instant::now() + drain;
     while shard.connections.get() > 0 {

@@ -333,11 +333,8 @@ pub async fn serve_redis(shard: Rc<Shard>, mut stream: TcpStream) {
         turn.dispatch.clear();
         turn.items.clear();
         turn.immediate.clear();
-        if !out.is_empty() {
-            if stream.write_all(&out).await.is_err() {
-                return;
-            }
-            out.clear();
+        if !out.is_empty() && shard.outbox.write_all(&mut stream, &mut out).await.is_err() {
+            return;
         }
         if fatal.is_some() || turn.quit {
             let _ = stream.close().await;

@@ -463,11 +463,8 @@ pub async fn serve_native(shard: Rc<Shard>, mut stream: TcpStream) {
                 o.extend_from_slice(f.message.as_bytes())
             });
         }
-        if !out.is_empty() {
-            if stream.write_all(&out).await.is_err() {
-                return;
-            }
-            out.clear();
+        if !out.is_empty() && shard.outbox.write_all(&mut stream, &mut out).await.is_err() {
+            return;
         }
         if close {
             let _ = stream.close().await;
@@ -478,7 +475,7 @@ pub async fn serve_native(shard: Rc<Shard>, mut stream: TcpStream) {
             if in_flight.len() >= WRITE_TURNS_IN_FLIGHT_MAX {
                 // Bounded: stop reading until the oldest writes are durable.
                 let turn = in_flight.next().await.expect("not empty");
-                if !send_write_turn(&mut stream, &mut out, turn, &mut spare).await {
+                if !send_write_turn(&shard, &mut stream, &mut out, turn, &mut spare).await {
                     return;
                 }
                 continue;
@@ -495,7 +492,7 @@ pub async fn serve_native(shard: Rc<Shard>, mut stream: TcpStream) {
                     futures::future::Either::Right((turn, _)) => turn.expect("not empty"),
                 }
             };
-            if !send_write_turn(&mut stream, &mut out, finished, &mut spare).await {
+            if !send_write_turn(&shard, &mut stream, &mut out, finished, &mut spare).await {
                 return;
             }
         };
@@ -509,7 +506,7 @@ pub async fn serve_native(shard: Rc<Shard>, mut stream: TcpStream) {
                 // The client is done sending (or the node is stopping):
                 // answer what is still in flight, then end.
                 while let Some(turn) = in_flight.next().await {
-                    if !send_write_turn(&mut stream, &mut out, turn, &mut spare).await {
+                    if !send_write_turn(&shard, &mut stream, &mut out, turn, &mut spare).await {
                         return;
                     }
                 }
@@ -523,14 +520,14 @@ pub async fn serve_native(shard: Rc<Shard>, mut stream: TcpStream) {
 /// Sends a finished write turn's replies; false if the connection is done
 /// (the send failed, or a reply ends the connection).
 async fn send_write_turn(
+    shard: &Shard,
     stream: &mut TcpStream,
     out: &mut Vec<u8>,
     turn: WriteTurn,
     spare: &mut Vec<WriteTurn>,
 ) -> bool {
     let close = turn.encode_and_recycle(out, spare);
-    let sent = stream.write_all(out).await.is_ok();
-    out.clear();
+    let sent = shard.outbox.write_all(stream, out).await.is_ok();
     if close {
         let _ = stream.close().await;
     }

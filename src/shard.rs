@@ -115,6 +115,8 @@ pub struct Shard {
     pub connection_closed: Notify,
     pub client_port: u16,
     pub redis_port: u16,
+    /// Replies waiting to leave in a burst (see `outbox`).
+    pub outbox: Rc<crate::outbox::Outbox>,
     /// Fault injection for supervision tests (debug builds only): a request
     /// for this key panics the shard that executes it.
     #[cfg(debug_assertions)]
@@ -319,6 +321,7 @@ impl Shard {
             stop: Notify::default(),
             connections: Cell::new(0),
             connection_closed: Notify::default(),
+            outbox: crate::outbox::Outbox::new(config.node.reply_burst_max),
             config,
             client_port,
             redis_port,
@@ -786,8 +789,9 @@ impl Shard {
 
     pub fn node_status(&self) -> NodeStatus {
         let stats = self.store.stats();
+        let replies = self.outbox.stats();
         let report = format!(
-            "ringkv node\nactor: {:016x}\nshards: {}\npartitions: {}\nclient_port: {}\nredis_port: {}\nshard {}: keys {} puts {} gets {} health {:?}\n",
+            "ringkv node\nactor: {:016x}\nshards: {}\npartitions: {}\nclient_port: {}\nredis_port: {}\nshard {}: keys {} puts {} gets {} replies {} in {} bursts health {:?}\n",
             self.actor,
             self.shard_count,
             self.partition_count,
@@ -797,6 +801,8 @@ impl Shard {
             stats.keys,
             stats.puts,
             stats.gets,
+            replies.replies,
+            replies.bursts,
             self.store.health(),
         );
         NodeStatus {

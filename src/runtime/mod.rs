@@ -27,6 +27,19 @@ pub fn spawn_detached(future: impl Future<Output = ()> + 'static) {
     glommio::spawn_local(future).detach();
 }
 
+/// Runs `future` in a low-priority task queue: the shard runs it when its
+/// other tasks have nothing to do (or now and then, by its share).
+pub fn spawn_when_idle(future: impl Future<Output = ()> + 'static) {
+    let queue =
+        glommio::executor().create_task_queue(glommio::Shares::Static(1), glommio::Latency::NotImportant, "when-idle");
+    glommio::spawn_local_into(future, queue).expect("the queue was just created").detach();
+}
+
+/// Lets the shard's other tasks run before this one goes on.
+pub async fn yield_now() {
+    glommio::executor().yield_now().await;
+}
+
 pub async fn sleep(duration: Duration) {
     glommio::timer::sleep(duration).await;
 }
