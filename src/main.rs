@@ -256,8 +256,10 @@ fn run(cli: Cli) -> Result<ExitCode, String> {
                     .map_err(|e| format!("shard {shard}: {e}"))?;
                 if shard == 0 {
                     print!("{}", per_shard.report);
-                } else if let Some(line) = per_shard.report.lines().find(|l| l.starts_with("shard ")) {
-                    println!("{line}");
+                } else {
+                    for line in per_shard.report.lines().filter(|l| l.starts_with("shard ")) {
+                        println!("{line}");
+                    }
                 }
             }
             Ok(ExitCode::SUCCESS)

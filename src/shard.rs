@@ -788,22 +788,14 @@ impl Shard {
     }
 
     pub fn node_status(&self) -> NodeStatus {
-        let stats = self.store.stats();
-        let replies = self.outbox.stats();
         let report = format!(
-            "ringkv node\nactor: {:016x}\nshards: {}\npartitions: {}\nclient_port: {}\nredis_port: {}\nshard {}: keys {} puts {} gets {} replies {} in {} bursts health {:?}\n",
+            "ringkv node\nactor: {:016x}\nshards: {}\npartitions: {}\nclient_port: {}\nredis_port: {}\n{}",
             self.actor,
             self.shard_count,
             self.partition_count,
             self.client_port,
             self.redis_port,
-            self.index,
-            stats.keys,
-            stats.puts,
-            stats.gets,
-            replies.replies,
-            replies.bursts,
-            self.store.health(),
+            self.shard_report(),
         );
         NodeStatus {
             shard_count: self.shard_count,
@@ -813,6 +805,49 @@ impl Shard {
             actor: self.actor,
             report,
         }
+    }
+
+    /// This shard's lines of `admin status`, each starting with
+    /// "shard N" (the CLI gathers them from every shard's own port).
+    fn shard_report(&self) -> String {
+        const MIB: u64 = 1 << 20;
+        let storage = self.store.stats();
+        let shard = *self.stats.borrow();
+        let replies = self.outbox.stats();
+        let i = self.index;
+        format!(
+            "shard {i}: keys {} puts {} removes {} gets {} health {:?}\n\
+             shard {i} reads: cache hits {} from write buffers {} from disk {} corrupt records skipped {}\n\
+             shard {i} disk: segment data {} MiB, buffered {} KiB, segment writes {} ({} MiB), segments sealed {}, \
+             compactions {} ({} MiB reclaimed), commit batches {} ({} records, {} fdatasyncs), storage-full errors {}\n\
+             shard {i} network: connections {} (refused {}), requests {}, batches to other shards {}, replies {} in {} bursts\n",
+            storage.keys,
+            storage.puts,
+            storage.removes,
+            storage.gets,
+            self.store.health(),
+            storage.cache_hits,
+            storage.reads_from_memory,
+            storage.disk_reads,
+            storage.corrupt_records,
+            storage.segment_data_bytes / MIB,
+            storage.buffered_bytes >> 10,
+            storage.segment_writes,
+            storage.segment_bytes_written / MIB,
+            storage.segments_sealed,
+            storage.compactions,
+            storage.compaction_bytes_reclaimed / MIB,
+            storage.commit_batches,
+            storage.commit_records,
+            storage.commit_fsyncs,
+            storage.storage_full_errors,
+            self.connections.get(),
+            shard.connections_refused,
+            shard.requests,
+            shard.forwarded_batches,
+            replies.replies,
+            replies.bursts,
+        )
     }
 
     /// Executes a batch of operations owned by this shard; replies in

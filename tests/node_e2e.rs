@@ -108,6 +108,14 @@ fn the_cli_puts_gets_and_deletes() {
     let (ok, status, err) = cli(&["admin", "status", "--node", &addr]);
     assert!(ok, "{err}");
     assert!(status.contains("shards: 2") && status.contains("shard 1:"), "{status}");
+    for shard in 0..2 {
+        for part in ["reads", "disk", "network"] {
+            assert!(status.contains(&format!("shard {shard} {part}: ")), "{status}");
+        }
+    }
+    let puts: u64 =
+        status.lines().filter_map(|l| l.split(" puts ").nth(1)?.split(' ').next()?.parse::<u64>().ok()).sum();
+    assert_eq!(puts, 4, "the three puts and the delete above, counted across both shards: {status}");
     let _ = out;
     // Output into a closed pipe (`ringkv admin status | head -1`) ends the
     // command quietly, as SIGPIPE ends other tools, not in a panic.
