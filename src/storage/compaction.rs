@@ -355,7 +355,12 @@ impl<D: Disk> Inner<D> {
             }
             yield_now().await;
         }
-        // 5. Drop the inputs.
+        // 5. Drop the inputs. Not while a hint is being written: the
+        // writer opens a segment's old hint by path, and glommio's open
+        // panics (statfs unwrap) on a file removed while it opens it
+        // (found by the real-disk suite at ~360 sequences, where the
+        // workload compacts while the maintenance task writes hints).
+        let _no_hint_writer = self.hint_writer.lock().await;
         let reclaimed = {
             let mut st = self.state.borrow_mut();
             let part = st.partitions.get_mut(&partition).expect("partition");
