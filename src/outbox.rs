@@ -169,7 +169,6 @@ impl Outbox {
                 listen.await;
             }
             self.flush();
-            crate::runtime::yield_now().await;
         }
     }
 

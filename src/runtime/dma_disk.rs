@@ -12,16 +12,19 @@ use glommio::io::{Directory, DmaBuffer, OpenOptions, ReadResult};
 
 use super::into_io;
 use crate::storage::disk::{Disk, DiskBuffer, DiskFile, OpenMode};
+use crate::storage::sync::OpenGate;
 
 /// The real disk, for the shard whose executor calls it.
 #[derive(Clone)]
 pub struct DmaDisk {
     origin: Instant,
+    /// Removals and renames wait for opens of the same path (see `OpenGate`).
+    opening: Rc<OpenGate>,
 }
 
 impl Default for DmaDisk {
     fn default() -> Self {
-        Self { origin: Instant::now() }
+        Self { origin: Instant::now(), opening: Rc::default() }
     }
 }
 
@@ -115,6 +118,7 @@ impl Disk for DmaDisk {
     }
 
     async fn open(&self, path: &Path, mode: OpenMode) -> io::Result<DmaFile> {
+        let _opening = self.opening.begin(path);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -126,10 +130,12 @@ impl Disk for DmaDisk {
     }
 
     async fn remove(&self, path: &Path) -> io::Result<()> {
+        self.opening.until_unopened(path).await;
         std::fs::remove_file(path)
     }
 
     async fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.opening.until_unopened(from).await;
         std::fs::rename(from, to)
     }
 

@@ -35,11 +35,6 @@ pub fn spawn_when_idle(future: impl Future<Output = ()> + 'static) {
     glommio::spawn_local_into(future, queue).expect("the queue was just created").detach();
 }
 
-/// Lets the shard's other tasks run before this one goes on.
-pub async fn yield_now() {
-    glommio::executor().yield_now().await;
-}
-
 pub async fn sleep(duration: Duration) {
     glommio::timer::sleep(duration).await;
 }

@@ -355,12 +355,7 @@ impl<D: Disk> Inner<D> {
             }
             yield_now().await;
         }
-        // 5. Drop the inputs. Not while a hint is being written: the
-        // writer opens a segment's old hint by path, and glommio's open
-        // panics (statfs unwrap) on a file removed while it opens it
-        // (found by the real-disk suite at ~360 sequences, where the
-        // workload compacts while the maintenance task writes hints).
-        let _no_hint_writer = self.hint_writer.lock().await;
+        // 5. Drop the inputs.
         let reclaimed = {
             let mut st = self.state.borrow_mut();
             let part = st.partitions.get_mut(&partition).expect("partition");
@@ -406,10 +401,10 @@ impl<D: Disk> Inner<D> {
     /// record that fails its checks (and any non-zero byte where only
     /// padding may be).
     pub(crate) async fn verify_partition(&self, partition: u32) -> Result<VerifyReport> {
-        // Compaction removes segments with their hints, and glommio's open
-        // panics (statfs unwrap) on a file removed while it opens it: no
-        // compaction starts on the partition while it is verified, and
-        // hints are compared only when none was running.
+        // Compaction removes segments with their hints: no compaction
+        // starts on the partition while it is verified, so that every hint
+        // present is compared, and hints are compared only when none was
+        // running (it could remove them midway).
         let check_hints = {
             let mut st = self.state.borrow_mut();
             let Some(part) = st.partitions.get_mut(&partition) else { return Ok(VerifyReport::default()) };

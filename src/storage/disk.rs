@@ -95,7 +95,10 @@ pub trait Disk: Clone + 'static {
     /// are unspecified: writers fill every byte they write.
     fn alloc_buffer(&self, len: usize) -> Self::Buffer;
     fn open(&self, path: &Path, mode: OpenMode) -> impl Future<Output = io::Result<Self::File>>;
+    /// Waits for any open of `path` in flight (glommio panics on a path
+    /// removed mid-open; see `sync::OpenGate`), then removes it.
     fn remove(&self, path: &Path) -> impl Future<Output = io::Result<()>>;
+    /// Waits for any open of `from` in flight, as `remove` does.
     fn rename(&self, from: &Path, to: &Path) -> impl Future<Output = io::Result<()>>;
     fn create_dir_all(&self, path: &Path) -> impl Future<Output = io::Result<()>>;
     /// Makes the directory's entries (creations, renames, removals) durable.

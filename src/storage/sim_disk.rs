@@ -13,6 +13,7 @@
 //! advances the clock to the next timer whenever no task can run, so timed
 //! behaviour is instant and reproducible.
 
+use super::sync::OpenGate;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::future::Future;
@@ -140,6 +141,9 @@ impl SimState {
 #[derive(Clone, Default)]
 pub struct SimDisk {
     state: Rc<RefCell<SimState>>,
+    /// Removals and renames wait for opens of the same path, as on the
+    /// real disk (see `OpenGate`).
+    opening: Rc<OpenGate>,
 }
 
 impl SimDisk {
@@ -264,7 +268,7 @@ impl SimDisk {
             image.durable_names.insert(path.clone(), *ino);
             image.inodes.insert(*ino, Inode { data: data.clone(), durable: data, pending: Vec::new() });
         }
-        SimDisk { state: Rc::new(RefCell::new(image)) }
+        SimDisk { state: Rc::new(RefCell::new(image)), opening: Rc::default() }
     }
 
     /// The disk after a clean power cycle: everything written survives (as if
@@ -278,7 +282,7 @@ impl SimDisk {
             image.durable_names.insert(path.clone(), *ino);
             image.inodes.insert(*ino, Inode { data: data.clone(), durable: data, pending: Vec::new() });
         }
-        SimDisk { state: Rc::new(RefCell::new(image)) }
+        SimDisk { state: Rc::new(RefCell::new(image)), opening: Rc::default() }
     }
 
     /// Paths of all files, sorted.
@@ -495,11 +499,13 @@ impl Disk for SimDisk {
     }
 
     async fn open(&self, path: &Path, mode: OpenMode) -> io::Result<SimFile> {
+        let _opening = self.opening.begin(path);
         let inode = self.open_name(path, mode)?;
         // glommio 0.9 opens asynchronously, then calls `statfs(path)
         // .unwrap()`: a path removed (or renamed away) by another task
         // meanwhile panics the executor. Other tasks may run here, as they
-        // can on the real disk, and the same removal fails the test.
+        // can on the real disk; `OpenGate` holds back their removals and
+        // renames of this path, and this checks that it does.
         super::sync::yield_now().await;
         let still_there = self.state.borrow().names.get(path) == Some(&inode);
         assert!(
@@ -511,12 +517,14 @@ impl Disk for SimDisk {
     }
 
     async fn remove(&self, path: &Path) -> io::Result<()> {
+        self.opening.until_unopened(path).await;
         let mut s = self.state.borrow_mut();
         s.begin(SimOp::Metadata, path)?;
         s.names.remove(path).map(|_| ()).ok_or_else(|| os_error(libc::ENOENT))
     }
 
     async fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.opening.until_unopened(from).await;
         let mut s = self.state.borrow_mut();
         s.begin(SimOp::Metadata, from)?;
         let ino = s.inode_of(from)?;

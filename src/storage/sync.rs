@@ -1,9 +1,12 @@
 //! Single-threaded async coordination used inside one shard: a notification
-//! with no lost wake-ups, and a cooperative yield. Runtime-agnostic so the
-//! same engine code runs on glommio and on the simulated executor.
+//! with no lost wake-ups, a cooperative yield, and the gate that keeps a
+//! path from being removed while it is being opened. Runtime-agnostic so
+//! the same engine code runs on glommio and on the simulated executor.
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
@@ -86,4 +89,54 @@ pub fn yield_now() -> impl Future<Output = ()> {
         }
     }
     Yield(false)
+}
+
+/// Paths with an open in flight. glommio 0.9 opens a file and then calls
+/// `statfs(path).unwrap()`, so a path removed or renamed away by another
+/// task between the two panics the executor; `Disk` implementations hold an
+/// `Opening` across their open and make removals and renames of the same
+/// path wait for it (`until_unopened`), so no engine code has to arrange
+/// that itself.
+#[derive(Default)]
+pub struct OpenGate {
+    opening: RefCell<HashMap<PathBuf, usize>>,
+    ended: Notify,
+}
+
+/// An open of one path in flight; ends when dropped.
+pub struct Opening<'a> {
+    gate: &'a OpenGate,
+    path: PathBuf,
+}
+
+impl OpenGate {
+    pub fn begin(&self, path: &Path) -> Opening<'_> {
+        *self.opening.borrow_mut().entry(path.to_owned()).or_insert(0) += 1;
+        Opening { gate: self, path: path.to_owned() }
+    }
+
+    /// Resolves once no open of `path` is in flight.
+    pub async fn until_unopened(&self, path: &Path) {
+        loop {
+            let ended = self.ended.listen();
+            if !self.opening.borrow().contains_key(path) {
+                return;
+            }
+            ended.await;
+        }
+    }
+}
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        let mut opening = self.gate.opening.borrow_mut();
+        if let Some(count) = opening.get_mut(&self.path) {
+            *count -= 1;
+            if *count == 0 {
+                opening.remove(&self.path);
+            }
+        }
+        drop(opening);
+        self.gate.ended.notify();
+    }
 }
