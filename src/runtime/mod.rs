@@ -116,6 +116,35 @@ pub fn bind_listener(address: std::net::SocketAddr) -> io::Result<glommio::net::
 #[cfg(test)]
 mod tests {
     use super::*;
+    use glommio::{LocalExecutorBuilder, Placement};
+    use std::time::Instant;
+
+    /// The vendored glommio's rings post completions when the shard next
+    /// enters the kernel or returns from an interrupt (tools/vendor/README.md),
+    /// the preempt timer's among them. A task that computes without a system
+    /// call must still be told to yield, or one busy task would starve every
+    /// other. (With `IORING_SETUP_DEFER_TASKRUN`, which runs such work only
+    /// inside `io_uring_enter`, it never is: this test then fails.)
+    #[test]
+    fn a_task_that_never_enters_the_kernel_is_still_told_to_yield() {
+        let told_after = LocalExecutorBuilder::new(Placement::Unbound)
+            .preempt_timer(Duration::from_millis(10))
+            .spawn(|| async {
+                // Instant::now reads the clock through the vDSO: no syscall.
+                let start = Instant::now();
+                while start.elapsed() < Duration::from_secs(30) {
+                    if glommio::executor().need_preempt() {
+                        return Some(start.elapsed());
+                    }
+                    std::hint::spin_loop();
+                }
+                None
+            })
+            .expect("an executor starts")
+            .join()
+            .expect("the test's executor ends");
+        assert!(told_after.is_some(), "a busy task was never told to yield (30 s)");
+    }
 
     #[test]
     fn the_mimalloc_purge_option_is_the_one_we_mean() {
