@@ -146,6 +146,43 @@ mod tests {
         assert!(told_after.is_some(), "a busy task was never told to yield (30 s)");
     }
 
+    /// The vendored glommio parks with a pair of fences instead of a
+    /// `membarrier` (tools/vendor/README.md). A wake lost between two
+    /// shards would leave one asleep for good: here each of 20,000 round
+    /// trips parks both executors and wakes each from the other's thread.
+    #[test]
+    fn wakes_between_shards_are_never_lost() {
+        const ROUND_TRIPS: u32 = 20_000;
+        let (to_echo, echo_inbox) = async_channel::bounded::<u32>(1);
+        let (to_origin, origin_inbox) = async_channel::bounded::<u32>(1);
+        let echo = LocalExecutorBuilder::new(Placement::Unbound)
+            .spawn(move || async move {
+                while let Ok(n) = echo_inbox.recv().await {
+                    if to_origin.send(n + 1).await.is_err() {
+                        break;
+                    }
+                }
+            })
+            .expect("an executor starts");
+        let origin = LocalExecutorBuilder::new(Placement::Unbound)
+            .spawn(move || async move {
+                for n in 0..ROUND_TRIPS {
+                    to_echo.send(n).await.expect("the echo shard runs");
+                    assert_eq!(origin_inbox.recv().await, Ok(n + 1));
+                }
+            })
+            .expect("an executor starts");
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let outcome = origin.join().is_ok() && echo.join().is_ok();
+            let _ = done.send(outcome);
+        });
+        match finished.recv_timeout(Duration::from_secs(120)) {
+            Ok(outcome) => assert!(outcome, "an executor failed"),
+            Err(_) => panic!("{ROUND_TRIPS} round trips did not end in 120 s: a wake was lost"),
+        }
+    }
+
     #[test]
     fn the_mimalloc_purge_option_is_the_one_we_mean() {
         // Neighbouring options have other defaults (deprecated eager-commit

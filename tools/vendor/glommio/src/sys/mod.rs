@@ -306,6 +306,11 @@ impl SleepNotifier {
     }
 
     pub(crate) fn notify(&self, force: bool) {
+        // ringkv patch: pairs with the fence a parking executor issues after
+        // `prepare_to_sleep` (see `membarrier::heavy`'s former call site):
+        // the wake queued before this point is visible to its sweep, or its
+        // `should_notify` is visible here.
+        std::sync::atomic::fence(Ordering::SeqCst);
         if self
             .should_notify
             .compare_exchange(true, false, Ordering::Relaxed, Ordering::Relaxed)
