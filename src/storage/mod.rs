@@ -17,6 +17,7 @@ pub mod data_dir;
 pub mod disk;
 pub mod format;
 pub mod index;
+pub mod partition_table;
 pub(crate) mod probing;
 pub mod recovery;
 pub mod segment;

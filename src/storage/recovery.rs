@@ -390,8 +390,8 @@ impl<D: Disk> Inner<D> {
         let mut max_seen = BTreeMap::<u32, u64>::new();
         {
             let st = self.state.borrow();
-            for (p, part) in &st.partitions {
-                max_seen.insert(*p, part.max_lsn);
+            for (p, part) in st.partitions.iter() {
+                max_seen.insert(p, part.max_lsn);
             }
         }
         for (number, file, first_lsn) in files {
@@ -447,7 +447,7 @@ impl<D: Disk> Inner<D> {
 
     /// Runs flush jobs inline (the background tasks are not running yet).
     async fn flush_all_now(&self) -> Result<()> {
-        let partitions: Vec<u32> = self.state.borrow().partitions.keys().copied().collect();
+        let partitions: Vec<u32> = self.state.borrow().partitions.keys().collect();
         for p in partitions {
             self.flush_partition(p).await?;
         }

@@ -20,7 +20,6 @@
 //! an await.
 
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -34,6 +33,7 @@ use super::commit_log::{Batch, CommitLog};
 use super::disk::{Disk, DiskFile};
 use super::format::{encode_record, parse_record, record_len, RecordError, RecordKind};
 use super::index::Location;
+use super::partition_table::PartitionTable;
 use super::segment::PartitionState;
 use super::sync::Notify;
 use super::{IoOp, Result, StorageError, UnhealthyReason};
@@ -161,7 +161,7 @@ pub(crate) enum WaiterSlot {
 }
 
 pub(crate) struct State<D: Disk> {
-    pub partitions: BTreeMap<u32, PartitionState<D>>,
+    pub partitions: PartitionTable<PartitionState<D>>,
     pub log: Option<CommitLog<D>>,
     pub batch: Batch<D>,
     pub next_lsn: u64,
@@ -251,7 +251,7 @@ impl<D: Disk> Inner<D> {
             layout,
             paths,
             state: RefCell::new(State {
-                partitions: BTreeMap::new(),
+                partitions: PartitionTable::new(),
                 log: None,
                 batch: Batch::default(),
                 next_lsn: 1,
@@ -449,7 +449,7 @@ impl<D: Disk> Inner<D> {
         fill: impl FnOnce(&mut [u8]),
         cached: Option<Value>,
     ) {
-        let part = st.partitions.entry(partition).or_insert_with(|| PartitionState::new(partition));
+        let part = st.partitions.get_or_insert_with(partition, || PartitionState::new(partition));
         let outcome = part.append(self, kind, lsn, key, len, fill, cached);
         st.buffered_bytes += outcome.buffered_bytes;
         if outcome.needs_flush {
@@ -664,7 +664,7 @@ fn count_write<D: Disk>(st: &mut State<D>, kind: RecordKind) {
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn apply<D: Disk>(
     inner: &Inner<D>,
-    partitions: &mut BTreeMap<u32, PartitionState<D>>,
+    partitions: &mut PartitionTable<PartitionState<D>>,
     partition: u32,
     kind: RecordKind,
     lsn: u64,
@@ -672,7 +672,7 @@ pub(crate) fn apply<D: Disk>(
     record: &[u8],
     cached: Option<Value>,
 ) -> usize {
-    let part = partitions.entry(partition).or_insert_with(|| PartitionState::new(partition));
+    let part = partitions.get_or_insert_with(partition, || PartitionState::new(partition));
     let outcome = part.append(inner, kind, lsn, key, record.len(), |out| out.copy_from_slice(record), cached);
     if outcome.needs_flush {
         inner.segment_work.notify();
@@ -898,7 +898,7 @@ impl<D: Disk> ShardStore<D> {
 
     /// Partitions with any data on this shard.
     pub fn partitions(&self) -> Vec<u32> {
-        self.inner.state.borrow().partitions.keys().copied().collect()
+        self.inner.state.borrow().partitions.keys().collect()
     }
 
     /// Makes every write so far durable in partition segments (a checkpoint).
