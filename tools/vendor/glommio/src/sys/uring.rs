@@ -904,8 +904,9 @@ struct SleepableRing {
 /// default the kernel sends an inter-processor interrupt to a running thread
 /// for every completion that needs task work (every socket poll does); on a
 /// VM each costs an exit on both vCPUs. With `COOP_TASKRUN` the work waits
-/// until the thread next enters the kernel (any syscall), and `TASKRUN_FLAG`
-/// lets the thread see that it waits (`run_task_work`, `need_preempt`).
+/// until the thread next enters the kernel (any syscall) or returns to user
+/// space from an interrupt, and `TASKRUN_FLAG` lets the thread see that it
+/// waits (`run_task_work`).
 /// Kernels before 5.19 refuse the flags: the ring is then made as before.
 fn new_cooperative_ring(size: usize) -> io::Result<iou::IoUring> {
     let cooperative = iou::SetupFlags::COOP_TASKRUN | iou::SetupFlags::TASKRUN_FLAG;
