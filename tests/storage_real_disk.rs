@@ -108,15 +108,7 @@ fn run_real_sequence(seed: u64, mode: SyncMode, config: StorageConfig, cycles: u
 /// some crashes its three rings: ~10 descriptors per sequence, which are
 /// not ours to close while other tests' executors run in this process.)
 fn close_descriptors_of_a_crash(root: &Path) {
-    let left: Vec<i32> = std::fs::read_dir("/proc/self/fd")
-        .expect("/proc/self/fd")
-        .filter_map(|entry| {
-            let entry = entry.ok()?;
-            let target = std::fs::read_link(entry.path()).ok()?;
-            target.starts_with(root).then(|| entry.file_name().to_str()?.parse().ok())?
-        })
-        .collect();
-    for fd in left {
+    for (fd, _) in descriptors_under(root) {
         // SAFETY: `fd` is open on a file under this sequence's own
         // directory, and its owner (the crashed executor) is gone.
         unsafe { libc::close(fd) };
@@ -153,10 +145,19 @@ fn a_second_process_cannot_open_a_locked_data_directory() {
 /// Descriptors of this process open on files under `dir` (other tests of
 /// this binary run in parallel, so only the directory's own count).
 fn descriptors_open_under(dir: &Path) -> Vec<PathBuf> {
+    descriptors_under(dir).into_iter().map(|(_, target)| target).collect()
+}
+
+/// This process's descriptors open on files under `dir`, with their targets.
+fn descriptors_under(dir: &Path) -> Vec<(i32, PathBuf)> {
     std::fs::read_dir("/proc/self/fd")
         .expect("/proc/self/fd")
-        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
-        .filter(|target| target.starts_with(dir))
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let target = std::fs::read_link(entry.path()).ok()?;
+            let fd = entry.file_name().to_str()?.parse().ok()?;
+            target.starts_with(dir).then_some((fd, target))
+        })
         .collect()
 }
 

@@ -10,12 +10,11 @@
 #[derive(Debug)]
 pub struct PartitionTable<V> {
     slots: Vec<Option<V>>,
-    len: usize,
 }
 
 impl<V> Default for PartitionTable<V> {
     fn default() -> Self {
-        Self { slots: Vec::new(), len: 0 }
+        Self { slots: Vec::new() }
     }
 }
 
@@ -24,12 +23,13 @@ impl<V> PartitionTable<V> {
         Self::default()
     }
 
+    /// Counted (a few hundred slots at most; only start-up asks).
     pub fn len(&self) -> usize {
-        self.len
+        self.values().count()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.values().next().is_none()
     }
 
     pub fn get(&self, partition: &u32) -> Option<&V> {
@@ -42,22 +42,12 @@ impl<V> PartitionTable<V> {
 
     /// Replaces the value of `partition`, giving back the old one.
     pub fn insert(&mut self, partition: u32, value: V) -> Option<V> {
-        let slot = self.slot(partition);
-        let old = slot.replace(value);
-        if old.is_none() {
-            self.len += 1;
-        }
-        old
+        self.slot(partition).replace(value)
     }
 
     /// The value of `partition`, made by `make` if there is none.
     pub fn get_or_insert_with(&mut self, partition: u32, make: impl FnOnce() -> V) -> &mut V {
-        let index = partition as usize;
-        if self.slots.get(index).is_none_or(Option::is_none) {
-            *self.slot(partition) = Some(make());
-            self.len += 1;
-        }
-        self.slots[index].as_mut().expect("just filled")
+        self.slot(partition).get_or_insert_with(make)
     }
 
     /// Ids in order.

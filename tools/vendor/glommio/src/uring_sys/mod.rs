@@ -70,9 +70,6 @@ pub const IORING_SETUP_SQ_AFF: libc::c_uint = 1 << 2; /* sq_thread_cpu is valid 
 pub const IORING_SETUP_CQSIZE: libc::c_uint = 1 << 3; /* app defines CQ size */
 pub const IORING_SETUP_CLAMP: libc::c_uint = 1 << 4; /* clamp SQ/CQ ring sizes */
 pub const IORING_SETUP_ATTACH_WQ: libc::c_uint = 1 << 5; /* attach to existing wq */
-// ringkv patch: kernel 5.19+ (see tools/vendor/README.md)
-pub const IORING_SETUP_COOP_TASKRUN: libc::c_uint = 1 << 8; /* no IPI to run task work */
-pub const IORING_SETUP_TASKRUN_FLAG: libc::c_uint = 1 << 9; /* IORING_SQ_TASKRUN while work waits */
 
 // cqe.flags
 pub const IORING_CQE_BUFFER_SHIFT: libc::c_uint = 1 << 0;
