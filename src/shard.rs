@@ -437,12 +437,12 @@ impl Shard {
         key: &[u8],
         hash: u64,
         kind: &WriteKind<'_>,
-        base: Option<&[u8]>,
+        base: Option<Value>,
         reply: WriteReply,
     ) -> Result<Attempt<'_>, Fail> {
         let unreadable =
             |e: encoding::DecodeError| Fail::new(Status::Internal, format!("stored version set unreadable: {e}"));
-        let next = match (base, kind) {
+        let next = match (base.as_deref(), kind) {
             (Some(bytes), WriteKind::DeleteIfLive) => {
                 let live = encoding::with_view(bytes, |view| !view.is_deleted()).map_err(unreadable)?;
                 if !live {
@@ -468,6 +468,9 @@ impl Shard {
                 }
             }
         };
+        // Let go of the base before the put: the cache then holds the only
+        // handle on the key's value and can overwrite it in place.
+        drop(base);
         if next.len() > self.config.node.siblings_max {
             return Err(Fail::new(
                 Status::BadRequest,
@@ -571,7 +574,7 @@ impl Shard {
         let guard = self.lock_of(hash).lock().await;
         loop {
             let base = self.write_base(partition, key, hash).await?;
-            match self.try_enqueue(partition, key, hash, &kind, base.as_deref(), reply)? {
+            match self.try_enqueue(partition, key, hash, &kind, base, reply)? {
                 Attempt::Nothing => return Ok(None),
                 // The batch or the buffers are full: wait, then start over
                 // (the base may have become durable meanwhile).
@@ -600,7 +603,7 @@ impl Shard {
         let hash = key_hash(key);
         let _guard = self.lock_of(hash).try_lock()?;
         let base = self.write_base_now(partition, key, hash)?;
-        match self.try_enqueue(partition, key, hash, kind, base.as_deref(), reply) {
+        match self.try_enqueue(partition, key, hash, kind, base, reply) {
             Ok(Attempt::WouldWait) => None,
             other => Some(other),
         }
