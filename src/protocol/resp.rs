@@ -58,9 +58,34 @@ fn number(buf: &[u8], at: usize) -> Result<Option<(i64, usize)>, RespError> {
     if buf[end + 1] != b'\n' {
         return Err(RespError::Protocol("expected CRLF"));
     }
-    let text = std::str::from_utf8(&buf[at..end]).map_err(|_| RespError::Protocol("invalid length"))?;
-    let n: i64 = text.parse().map_err(|_| RespError::Protocol("invalid length"))?;
+    let n = decimal(&buf[at..end]).ok_or(RespError::Protocol("invalid length"))?;
     Ok(Some((n, end + 2)))
+}
+
+/// `str::parse::<i64>` of ASCII bytes, without the UTF-8 check and the
+/// generic parser: every command has a few of these (array and bulk
+/// lengths), and the two were ~2% of a SET profile.
+fn decimal(text: &[u8]) -> Option<i64> {
+    let (negative, digits) = match text {
+        [b'-', rest @ ..] => (true, rest),
+        [b'+', rest @ ..] => (false, rest),
+        _ => (false, text),
+    };
+    if digits.is_empty() {
+        return None;
+    }
+    let mut magnitude: u64 = 0;
+    for &digit in digits {
+        if !digit.is_ascii_digit() {
+            return None;
+        }
+        magnitude = magnitude.checked_mul(10)?.checked_add(u64::from(digit - b'0'))?;
+    }
+    if negative {
+        0i64.checked_sub_unsigned(magnitude)
+    } else {
+        i64::try_from(magnitude).ok()
+    }
 }
 
 /// Parses the first command in `buf`. On success fills `args` with ranges of
@@ -231,7 +256,25 @@ mod tests {
         out
     }
 
+    #[test]
+    fn decimals_at_the_edges_parse_as_std_does() {
+        for text in ["0", "-0", "+7", "-1", "9223372036854775807", "-9223372036854775808"] {
+            assert_eq!(decimal(text.as_bytes()), text.parse().ok(), "{text}");
+        }
+        for text in ["", "-", "+", "9223372036854775808", "-9223372036854775809", "1 ", "0x1", "--1", "١"] {
+            assert_eq!(decimal(text.as_bytes()), None, "{text}");
+        }
+    }
+
     proptest::proptest! {
+        /// The hand-written decimal parser agrees with the standard one.
+        #[test]
+        fn decimals_parse_as_std_does(text in "[-+]?[0-9]{0,21}|[-+0-9a ]{0,6}", bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..6)) {
+            proptest::prop_assert_eq!(decimal(text.as_bytes()), text.parse::<i64>().ok());
+            let standard = std::str::from_utf8(&bytes).ok().and_then(|t| t.parse::<i64>().ok());
+            proptest::prop_assert_eq!(decimal(&bytes), standard);
+        }
+
         /// Whatever arrives, the parser returns (no panic), consumes no
         /// more than it was given, and points only inside what it consumed.
         #[test]
