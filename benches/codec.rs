@@ -67,7 +67,8 @@ fn version_sets(c: &mut Criterion) {
         b.iter(|| encoding::with_view(black_box(&aligned), |v| v.last_written().map(|s| s.value.len())).unwrap())
     });
     // The same archive one byte off alignment: `with_view` copies it into
-    // an aligned buffer first (why the cache pads keys to 16 bytes).
+    // an aligned buffer first, as for a cached value whose key length is
+    // not a multiple of 16 (the cache does not pad: see README, Performance).
     let mut shifted = rkyv::util::AlignedVec::<16>::new();
     shifted.push(0);
     shifted.extend_from_slice(&bytes);

@@ -54,25 +54,10 @@ use super::probing::{prefetch, prefetch_bytes, shift_back};
 /// A value read from the store: the key and value in one shared
 /// allocation; dereferences to the value bytes. Cloning is a
 /// reference-count increment.
-///
-/// ```text
-/// record: key | zero padding to a multiple of 16 bytes | value
-/// ```
-/// The padding puts the value (a version set's rkyv archive) at the
-/// allocation's alignment, 16 bytes from the allocator for records of this
-/// size: `encoding::with_view` reads an archive in place only when it is
-/// 16-byte aligned, and copies it into a fresh aligned buffer otherwise (an
-/// allocation and a copy on every read and write of keys whose length is
-/// not a multiple of 16, such as YCSB's).
 #[derive(Clone)]
 pub struct Value {
     record: Rc<[u8]>,
     key_len: u16,
-}
-
-/// Where the value starts in a record whose key is `key_len` bytes.
-fn value_start(key_len: usize) -> usize {
-    key_len.next_multiple_of(16)
 }
 
 impl Value {
@@ -81,17 +66,14 @@ impl Value {
     /// makes one of these (malloc and free were ~7% of a SET profile).
     pub fn new(key: &[u8], value: &[u8]) -> Self {
         let key_len = u16::try_from(key.len()).expect("keys are at most 64 KiB");
-        let start = value_start(key.len());
-        let mut record = Rc::<[u8]>::new_uninit_slice(start + value.len());
+        let mut record = Rc::<[u8]>::new_uninit_slice(key.len() + value.len());
         let bytes = Rc::get_mut(&mut record).expect("a new Rc is unique").as_mut_ptr().cast::<u8>();
-        // SAFETY: `bytes` points at start + value.len() writable bytes that
-        // no slice overlaps; the key, the padding (start - key.len() bytes
-        // from key.len() on) and the value together initialize them all,
+        // SAFETY: `bytes` points at key.len() + value.len() writable bytes
+        // that no slice overlaps; both copies together initialize them all,
         // which is what `assume_init` requires.
         let record = unsafe {
             std::ptr::copy_nonoverlapping(key.as_ptr(), bytes, key.len());
-            std::ptr::write_bytes(bytes.add(key.len()), 0, start - key.len());
-            std::ptr::copy_nonoverlapping(value.as_ptr(), bytes.add(start), value.len());
+            std::ptr::copy_nonoverlapping(value.as_ptr(), bytes.add(key.len()), value.len());
             record.assume_init()
         };
         Self { record, key_len }
@@ -106,13 +88,13 @@ impl Value {
     /// on the allocation (no reader holds a clone) and the lengths match;
     /// says whether it did.
     fn overwrite(&mut self, value: &[u8]) -> bool {
-        let start = value_start(usize::from(self.key_len));
-        if self.record.len() != start + value.len() {
+        let key_len = usize::from(self.key_len);
+        if self.record.len() != key_len + value.len() {
             return false;
         }
         match Rc::get_mut(&mut self.record) {
             Some(record) => {
-                record[start..].copy_from_slice(value);
+                record[key_len..].copy_from_slice(value);
                 true
             }
             None => false,
@@ -130,7 +112,7 @@ impl Deref for Value {
     type Target = [u8];
 
     fn deref(&self) -> &[u8] {
-        &self.record[value_start(usize::from(self.key_len))..]
+        &self.record[usize::from(self.key_len)..]
     }
 }
 
@@ -636,10 +618,10 @@ mod tests {
     /// right about every key.
     #[test]
     fn eviction_during_a_drain_keeps_the_budget_and_the_values() {
-        // Room for about 400 entries of 96 bytes, and a table that could
+        // Room for about 400 entries of ~84 bytes, and a table that could
         // grow far beyond that: the budget fills while the drain after the
         // doubling at 384 entries (to 1,024 slots) is under way.
-        let mut cache = ValueCache::new(38_500, 8);
+        let mut cache = ValueCache::new(33_600, 8);
         let keys: Vec<Vec<u8>> = (0..3_000u32).map(|i| format!("k{i}").into_bytes()).collect();
         let mut evicted_while_draining = 0;
         for (n, key) in keys.iter().enumerate() {
@@ -648,7 +630,7 @@ mod tests {
             if draining && cache.len() <= len_before {
                 evicted_while_draining += 1;
             }
-            assert!(cache.weight() <= 38_500, "insert {n}: over budget");
+            assert!(cache.weight() <= 33_600, "insert {n}: over budget");
             assert_eq!(cache.get(1, key_hash(key), key).as_deref(), Some(&[n as u8; 16][..]), "insert {n}");
             for (m, other) in keys[..=n].iter().enumerate().step_by(37) {
                 if let Some(value) = cache.get(1, key_hash(other), other) {
@@ -752,22 +734,8 @@ mod tests {
         // Another size: a new allocation, and the weight follows.
         cache.insert(0, hash, b"k", b"longer");
         assert_eq!(cache.get(0, hash, b"k").as_deref(), Some(&b"longer"[..]));
-        // The key's record pads it to 16 bytes.
-        assert_eq!(cache.weight(), (16 + 6 + 64) as u64);
+        assert_eq!(cache.weight(), (1 + 6 + 64) as u64);
         assert_eq!(cache.len(), 1);
-    }
-
-    #[test]
-    fn a_value_starts_16_byte_aligned_whatever_the_key_length() {
-        for key_len in 0..40 {
-            let key = vec![b'k'; key_len];
-            let value: Vec<u8> = (0..120).collect();
-            let mut made = Value::new(&key, &value);
-            assert_eq!((made.key(), &*made), (&key[..], &value[..]), "key of {key_len} bytes");
-            assert!((made.as_ptr() as usize).is_multiple_of(16), "key of {key_len} bytes");
-            assert!(made.overwrite(&[7; 120]));
-            assert_eq!((made.key(), &*made), (&key[..], &[7; 120][..]), "key of {key_len} bytes");
-        }
     }
 
     #[test]
