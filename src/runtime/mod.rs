@@ -146,6 +146,46 @@ mod tests {
         assert!(told_after.is_some(), "a busy task was never told to yield (30 s)");
     }
 
+    /// The vendored glommio keeps a round's preemption timers while they
+    /// are pending instead of re-arming them every round
+    /// (tools/vendor/README.md). One that fired must still be re-armed:
+    /// a busy task that yields whenever told to, next to a task that wakes
+    /// the executor every millisecond (so rounds keep timers often), is
+    /// told to yield again and again.
+    #[test]
+    fn a_busy_task_is_told_to_yield_again_and_again() {
+        const YIELDS: u32 = 50;
+        let told = LocalExecutorBuilder::new(Placement::Unbound)
+            .preempt_timer(Duration::from_millis(10))
+            .spawn(|| async {
+                let done = std::rc::Rc::new(std::cell::Cell::new(false));
+                let ticker = glommio::spawn_local({
+                    let done = done.clone();
+                    async move {
+                        while !done.get() {
+                            glommio::timer::sleep(Duration::from_millis(1)).await;
+                        }
+                    }
+                });
+                let start = Instant::now();
+                let mut told = 0;
+                while told < YIELDS && start.elapsed() < Duration::from_secs(60) {
+                    if glommio::executor().need_preempt() {
+                        told += 1;
+                        glommio::yield_if_needed().await;
+                    }
+                    std::hint::spin_loop();
+                }
+                done.set(true);
+                ticker.await;
+                told
+            })
+            .expect("an executor starts")
+            .join()
+            .expect("the test's executor ends");
+        assert_eq!(told, YIELDS, "a busy task stopped being told to yield (60 s)");
+    }
+
     /// The vendored glommio parks with a pair of fences instead of a
     /// `membarrier` (tools/vendor/README.md). A wake lost between two
     /// shards would leave one asleep for good: here each of 20,000 round

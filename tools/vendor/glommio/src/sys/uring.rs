@@ -566,6 +566,15 @@ where
     None
 }
 
+/// ringkv patch: whether the request in `cell` is armed and has not
+/// completed.
+fn pending(cell: &Cell<Option<Source>>) -> bool {
+    let source = cell.take();
+    let pending = source.as_ref().is_some_and(|source| source.result().is_none());
+    cell.set(source);
+    pending
+}
+
 type SourceMap = FreeList<Pin<Rc<RefCell<InnerSource>>>>;
 pub(crate) type SourceId = Idx<Pin<Rc<RefCell<InnerSource>>>>;
 fn from_user_data(user_data: u64) -> SourceId {
@@ -1268,6 +1277,9 @@ pub(crate) struct Reactor {
 
     latency_preemption_timeout_src: Cell<Option<Source>>,
     throughput_preemption_timeout_src: Cell<Option<Source>>,
+    // ringkv patch: the duration `latency_preemption_timeout_src` was armed
+    // with when it is a preemption timer (`None` for a sleep's user timer).
+    latency_preemption_armed_for: Cell<Option<Duration>>,
 
     link_fd: RawFd,
 
@@ -1399,6 +1411,7 @@ impl Reactor {
             poll_ring: RefCell::new(poll_ring),
             latency_preemption_timeout_src: Cell::new(None),
             throughput_preemption_timeout_src: Cell::new(None),
+            latency_preemption_armed_for: Cell::new(None),
             blocking_thread,
             link_fd,
             notifier,
@@ -1859,22 +1872,43 @@ impl Reactor {
         // consume all events from the rings
         consume_rings!(into &mut woke; lat_ring, poll_ring, main_ring);
 
-        // Cancel the old timer regardless of whether we can sleep:
-        // if we won't sleep, we will register the new timer with its new
-        // value.
-        //
-        // But if we will sleep, there might be a timer registered that needs
-        // to be removed otherwise we'll wake up when it expires.
-        drop(self.latency_preemption_timeout_src.take());
+        // ringkv patch: the preemption timers of the round before stay
+        // while they are pending, instead of being cancelled and re-armed
+        // every round (two timeout requests and two cancellations a round,
+        // and a busy executor with two shards runs thousands of rounds a
+        // second). A kept timer was armed earlier with the same setting,
+        // so it fires no later than a fresh one would: at worst a task
+        // queue is told to yield early, once. The time-based one is kept
+        // only by a round that will not sleep (it has a preemption timer
+        // to arm); a round that may sleep cancels it as before, or it
+        // would wake the executor. The count-based one cannot wake an
+        // idle executor early: it fires after that many completions.
+        let preempt = preempt_timer();
+        let keep_latency_timer = preempt.is_some()
+            && self.latency_preemption_armed_for.get() == preempt
+            && pending(&self.latency_preemption_timeout_src);
 
-        // Schedule the throughput-based timeout immediately: it won't matter if we end
-        // up sleeping.
-        self.throughput_preemption_timeout_src.replace(Some(
-            main_ring.prepare_throughput_preemption_timer(
-                self.ring_depth() as u32,
-                self.eventfd_src.raw(),
-            ),
-        ));
+        if !keep_latency_timer {
+            // Cancel the old timer regardless of whether we can sleep:
+            // if we won't sleep, we will register the new timer with its new
+            // value.
+            //
+            // But if we will sleep, there might be a timer registered that needs
+            // to be removed otherwise we'll wake up when it expires.
+            drop(self.latency_preemption_timeout_src.take());
+            self.latency_preemption_armed_for.set(None);
+        }
+
+        if !pending(&self.throughput_preemption_timeout_src) {
+            // Schedule the throughput-based timeout immediately: it won't matter if we end
+            // up sleeping.
+            self.throughput_preemption_timeout_src.replace(Some(
+                main_ring.prepare_throughput_preemption_timer(
+                    self.ring_depth() as u32,
+                    self.eventfd_src.raw(),
+                ),
+            ));
+        }
 
         // This will only dispatch if we run out of sqes. Which means until
         // flush_rings! nothing is really send to the kernel...
@@ -1928,9 +1962,10 @@ impl Reactor {
             }
         }
 
-        if let Some(preempt) = preempt_timer() {
+        if let Some(preempt) = preempt_timer().filter(|_| !keep_latency_timer) {
             self.latency_preemption_timeout_src
                 .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
+            self.latency_preemption_armed_for.set(Some(preempt));
             flush_rings!(lat_ring, main_ring)?;
         }
 
