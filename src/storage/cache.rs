@@ -18,11 +18,11 @@
 //! tombstones), so a probe ends at the first empty slot. The table starts
 //! small and doubles at 3/4 load, up to two slots per entry of the expected
 //! size the budget holds (lighter entries are then bounded by the same 3/4
-//! load limit). Doubling at half load, as first built, cost a third more
-//! table per entry, and near a doubling point a second table prepared
-//! early (node RSS at ~980k keys, two shards: 546 MB against 426 MB) for
-//! no measured speed (Redis-port A/B: SET 0.98x, GET 1.00x). Doubling
-//! never stops the shard: the next
+//! load limit). Doubling at half load, as first built, took up to twice
+//! the table for the same entries, and near a doubling point a second
+//! table prepared early (node RSS at ~980k keys, two shards: 546 MB
+//! against 426 MB) for no measured speed (Redis-port A/B: SET 0.98x, GET
+//! 1.00x). Doubling never stops the shard: the next
 //! table is initialized a few slots per insert ahead of time, and after the
 //! switch the entries move over a few per insert while lookups consult
 //! both tables (at two million entries a stop-the-world doubling took
