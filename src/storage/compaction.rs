@@ -194,6 +194,19 @@ impl<D: Disk> Inner<D> {
         // scan only if the output keeps an older put of their key.
         let mut undecided: Vec<(Location, Vec<u8>)> = Vec::new();
         let mut excluded_min_lsn = u64::MAX;
+        // The inputs' newest record always stays, whatever it is. Recovery
+        // replays a partition's commit-log records above the newest lsn its
+        // segments hold; a freed log file keeps its old records until it is
+        // reused, so dropping the newest record could lower that floor
+        // below them, and replay would re-apply an old write of a key
+        // without the later ones (a deleted key came back: model seed
+        // 322123604343). A kept record the index does not point at stays
+        // dead (the index moves only records it points at).
+        let newest_input_lsn = {
+            let st = self.state.borrow();
+            let part = &st.partitions[&partition];
+            inputs.iter().map(|&slot| part.segments[slot as usize].max_lsn).max().unwrap_or(0)
+        };
         let mut clean_inputs = Vec::new();
         let mut input_bytes = 0u64;
         let (mut min_lsn, mut max_lsn) = (u64::MAX, 0u64);
@@ -220,19 +233,21 @@ impl<D: Disk> Inner<D> {
                             None => part.last_remove_lsn <= part.synced_lsn,
                         };
                     let here = Location { slot, offset: offset as u32, value_len: record.value.len() as u32 };
-                    let keep = match record.kind {
-                        RecordKind::Put => current == Some(here) || !settled,
-                        // A tombstone must stay while an older record could
-                        // resurrect the key.
-                        RecordKind::Remove if !settled => true,
-                        RecordKind::Remove if current.is_some() => false,
-                        RecordKind::Remove if lowest_lsn_elsewhere < record.lsn => true,
-                        RecordKind::Remove => {
-                            undecided.push((here, raw.to_vec()));
-                            false
-                        }
-                        RecordKind::Pad => false,
-                    };
+                    let keep = record.lsn == newest_input_lsn && record.kind != RecordKind::Pad;
+                    let keep = keep
+                        || match record.kind {
+                            RecordKind::Put => current == Some(here) || !settled,
+                            // A tombstone must stay while an older record could
+                            // resurrect the key.
+                            RecordKind::Remove if !settled => true,
+                            RecordKind::Remove if current.is_some() => false,
+                            RecordKind::Remove if lowest_lsn_elsewhere < record.lsn => true,
+                            RecordKind::Remove => {
+                                undecided.push((here, raw.to_vec()));
+                                false
+                            }
+                            RecordKind::Pad => false,
+                        };
                     if keep {
                         keep_record(&mut out, &mut hints, &mut kept, here, record, raw);
                     }
