@@ -9,7 +9,9 @@
 //!    inputs (some other segment's lowest lsn is below the tombstone's) or
 //!    in the output itself (outside `group` mode a put whose key's newer
 //!    state is not yet durable is kept, and durability moves while the
-//!    inputs are read, so the tombstones are decided after the scan);
+//!    inputs are read, so the tombstones are decided after the scan), and
+//!    always the inputs' newest record, so that the lsn below which
+//!    recovery skips commit-log records never falls;
 //! 3. write them to `seg-N.seg.tmp` whose header lists the inputs it
 //!    supersedes, fdatasync, write its hint, rename, sync the directory:
 //!    from here recovery deletes the inputs itself;
@@ -233,21 +235,20 @@ impl<D: Disk> Inner<D> {
                             None => part.last_remove_lsn <= part.synced_lsn,
                         };
                     let here = Location { slot, offset: offset as u32, value_len: record.value.len() as u32 };
-                    let keep = record.lsn == newest_input_lsn && record.kind != RecordKind::Pad;
-                    let keep = keep
-                        || match record.kind {
-                            RecordKind::Put => current == Some(here) || !settled,
-                            // A tombstone must stay while an older record could
-                            // resurrect the key.
-                            RecordKind::Remove if !settled => true,
-                            RecordKind::Remove if current.is_some() => false,
-                            RecordKind::Remove if lowest_lsn_elsewhere < record.lsn => true,
-                            RecordKind::Remove => {
-                                undecided.push((here, raw.to_vec()));
-                                false
-                            }
-                            RecordKind::Pad => false,
-                        };
+                    let keep = match record.kind {
+                        RecordKind::Pad => false,
+                        _ if record.lsn == newest_input_lsn => true,
+                        RecordKind::Put => current == Some(here) || !settled,
+                        // A tombstone must stay while an older record could
+                        // resurrect the key.
+                        RecordKind::Remove if !settled => true,
+                        RecordKind::Remove if current.is_some() => false,
+                        RecordKind::Remove if lowest_lsn_elsewhere < record.lsn => true,
+                        RecordKind::Remove => {
+                            undecided.push((here, raw.to_vec()));
+                            false
+                        }
+                    };
                     if keep {
                         keep_record(&mut out, &mut hints, &mut kept, here, record, raw);
                     }
