@@ -208,5 +208,8 @@ fn sequences_that_once_failed_still_pass() {
     // key's), which lowered the lsn below which recovery skips commit-log
     // records; a freed but not yet reused log file still held an older
     // put of that key, and replay brought the key back after a crash.
+    // (Since free log files are emptied, this sequence passes even without
+    // compaction's newest-record rule; `a_compaction_keeps_its_inputs_
+    // newest_record_even_when_it_is_dead` checks that rule directly.)
     run_sequence(322_123_604_343, SyncMode::Group);
 }

@@ -11,7 +11,9 @@
 //! syncs/s), and they are recycled: a file can be reused once every
 //! partition it has records for is synced past them. Each file's header
 //! carries the first lsn of its current incarnation; records from an earlier
-//! incarnation have smaller lsns and are ignored on replay.
+//! incarnation have smaller lsns and are ignored on replay. A file found
+//! clean but not reused at once is emptied the same way (its header gets
+//! the next lsn to be issued), so a free file holds nothing replay applies.
 
 use std::collections::BTreeMap;
 use std::future::poll_fn;
@@ -343,26 +345,28 @@ impl<D: Disk> Inner<D> {
         file.partitions.iter().all(|(p, lsn)| st.partitions.get(p).is_some_and(|part| part.synced_lsn >= *lsn))
     }
 
-    /// Retires the active file and makes another one active: a clean one is
-    /// reused, else a new one is created (up to the maximum), else the
-    /// partitions holding up the oldest one are synced first.
+    /// Retires the active file and makes another one active: a free or
+    /// clean one is reused (other clean ones are emptied), else a new one is
+    /// created (up to the maximum), else the partitions holding up the
+    /// oldest one are synced first.
     async fn switch_log_file(&self, first_lsn: u64) -> Result<()> {
         loop {
             let progress = self.flushed.listen();
+            let emptied: Vec<usize>;
             let choice = {
                 let mut st = self.state.borrow_mut();
                 let st = &mut *st;
-                let mut log = st.log.take().expect("log mode");
-                let mut choice = None;
-                for (i, f) in log.files.iter_mut().enumerate() {
-                    if i != log.active && f.in_use && Self::log_file_clean(st, f) {
-                        f.in_use = false;
-                    }
-                    if i != log.active && !f.in_use && choice.is_none() {
-                        choice = Some(SwitchChoice::Reuse(i));
-                    }
-                }
-                let choice = choice.unwrap_or_else(|| {
+                let log = st.log.take().expect("log mode");
+                let retired = |i: usize| i != log.active;
+                let free = (0..log.files.len()).find(|&i| retired(i) && !log.files[i].in_use);
+                let clean: Vec<usize> = (0..log.files.len())
+                    .filter(|&i| retired(i) && log.files[i].in_use && Self::log_file_clean(st, &log.files[i]))
+                    .collect();
+                // A clean file is reused at once when no free one waits;
+                // the others are emptied (see `empty_log_file`).
+                let reuse = free.or_else(|| clean.first().copied());
+                emptied = clean.into_iter().filter(|&i| Some(i) != reuse).collect();
+                let choice = reuse.map(SwitchChoice::Reuse).unwrap_or_else(|| {
                     if log.files.len() < self.config.commit_log_files_max {
                         SwitchChoice::Create(log.next_number)
                     } else {
@@ -388,21 +392,15 @@ impl<D: Disk> Inner<D> {
             };
             match choice {
                 SwitchChoice::Reuse(i) => {
-                    let (file, path) = {
-                        let st = self.state.borrow();
-                        let f = &st.log.as_ref().expect("log mode").files[i];
-                        (f.file.clone(), f.path.clone())
-                    };
-                    self.write_log_header(&file, &path, first_lsn).await?;
                     // The new header must be durable before any record of the
                     // new incarnation: replay orders files by their headers,
                     // and a new record under the old header would sort before
                     // the other files' records and hide them.
-                    if let Err(error) = file.fdatasync().await {
-                        self.set_unhealthy(UnhealthyReason::FsyncFailed { path, source: std::sync::Arc::new(error) });
-                        return Err(self.unhealthy_error());
-                    }
+                    self.rewrite_log_header(i, first_lsn).await?;
                     self.activate_log_file(i, first_lsn);
+                    for i in emptied {
+                        self.empty_log_file(i).await?;
+                    }
                     return Ok(());
                 }
                 SwitchChoice::Create(number) => {
@@ -438,6 +436,42 @@ impl<D: Disk> Inner<D> {
                 }
             }
         }
+    }
+
+    /// Writes file `i`'s header for an incarnation starting at `first_lsn`
+    /// and makes it durable.
+    async fn rewrite_log_header(&self, i: usize, first_lsn: u64) -> Result<()> {
+        let (file, path) = {
+            let st = self.state.borrow();
+            let f = &st.log.as_ref().expect("log mode").files[i];
+            (f.file.clone(), f.path.clone())
+        };
+        self.write_log_header(&file, &path, first_lsn).await?;
+        if let Err(error) = file.fdatasync().await {
+            self.set_unhealthy(UnhealthyReason::FsyncFailed { path, source: std::sync::Arc::new(error) });
+            return Err(self.unhealthy_error());
+        }
+        Ok(())
+    }
+
+    /// Frees clean file `i` for reuse, first making its records invisible
+    /// to replay: its header's first lsn becomes the next one to be issued,
+    /// above all of them. Replay also skips every record at or below its
+    /// partition's newest lsn in the segments (so a clean file's records
+    /// would be skipped anyway), but a file that keeps no records for
+    /// replay to judge needs no such floor to stay put: not if compaction
+    /// ever drops a partition's newest record (the bug fixed in 26fc81d
+    /// replayed a freed file's old puts over a later delete), nor if a
+    /// partition's segments are ever replaced by older ones.
+    async fn empty_log_file(&self, i: usize) -> Result<()> {
+        let above_all = self.state.borrow().next_lsn;
+        self.rewrite_log_header(i, above_all).await?;
+        let mut st = self.state.borrow_mut();
+        let f = &mut st.log.as_mut().expect("log mode").files[i];
+        f.first_lsn = above_all;
+        f.partitions.clear();
+        f.in_use = false;
+        Ok(())
     }
 
     /// Makes file `i` the active one; the retired file's partitions are asked
@@ -572,5 +606,86 @@ pub(crate) async fn read_log_header<F: DiskFile>(file: &F, path: &Path) -> Resul
             Ok(None)
         }
         Err(error) => Err(StorageError::BadFile { path: path.to_owned(), error }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::StorageConfig;
+    use crate::storage::sim_disk::{SimDisk, SimExecutor};
+    use crate::storage::{ShardLayout, ShardStore};
+
+    /// How many records replay would apply from log file `path` of `disk`.
+    async fn replayable_records(disk: &SimDisk, path: &Path) -> u64 {
+        let file = disk.open(path, OpenMode::Existing).await.expect("log file");
+        let first_lsn = read_log_header(&file, path).await.expect("header").map_or(0, |h| h.first_lsn);
+        let mut visited = 0;
+        replay_log_file::<SimDisk>(&file, path, first_lsn, |_, _| visited += 1).await.expect("replay");
+        file.close().await.expect("close");
+        visited
+    }
+
+    #[test]
+    fn a_free_log_file_holds_nothing_replay_would_apply_even_after_a_crash() {
+        let disk = SimDisk::new();
+        let exec = SimExecutor::new(disk.clone());
+        let spawner = exec.spawner();
+        // Small log files, so that writes switch files every few batches and
+        // checkpoints leave more than one clean file at a switch.
+        let config = StorageConfig {
+            commit_log_file_bytes: 20 << 10,
+            commit_log_files_max: 4,
+            write_buffer_bytes_max: 32 << 10,
+            ..crate::storage::small_test_config()
+        };
+        let layout = ShardLayout { shard: 0, shard_count: 1, partition_count: 4 };
+        exec.block_on(async {
+            let (store, bg) = ShardStore::open(disk.clone(), Path::new("/data"), config, layout).await.unwrap();
+            spawner.spawn(bg);
+            // Concurrent writers fill batches faster than one at a time, so
+            // that checkpoints lag and several files come clean at once.
+            // After each of its writes, writer 0 checks the free files as
+            // the log sees them against the disk as a crash at that moment
+            // would leave it.
+            let free_files_checked = Rc::new(std::cell::Cell::new(0));
+            let writers: Vec<_> = (0..16u32)
+                .map(|writer| {
+                    let (store, disk, checked) = (store.clone(), disk.clone(), free_files_checked.clone());
+                    async move {
+                        for i in 0..400u32 {
+                            let key = format!("key-{writer}-{}", i % 10);
+                            store.put(i % 4, key.as_bytes(), &[i as u8; 300]).await.unwrap();
+                            if writer != 0 {
+                                continue;
+                            }
+                            let free: Vec<PathBuf> = {
+                                let st = store.inner.state.borrow();
+                                let log = st.log.as_ref().expect("group mode has a log");
+                                let free = log.files.iter().enumerate().filter(|(j, f)| *j != log.active && !f.in_use);
+                                free.map(|(_, f)| f.path.clone()).collect()
+                            };
+                            let image = disk.crash_image(u64::from(i));
+                            for path in free {
+                                assert_eq!(
+                                    replayable_records(&image, &path).await,
+                                    0,
+                                    "{} at write {i}",
+                                    path.display()
+                                );
+                                checked.set(checked.get() + 1);
+                            }
+                        }
+                    }
+                })
+                .collect();
+            futures::future::join_all(writers).await;
+            // The case must have come up, and often.
+            let checked = free_files_checked.get();
+            assert!(checked >= 50, "only {checked} free files seen");
+            store.close().await.unwrap();
+        });
     }
 }

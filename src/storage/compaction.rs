@@ -198,12 +198,15 @@ impl<D: Disk> Inner<D> {
         let mut excluded_min_lsn = u64::MAX;
         // The inputs' newest record always stays, whatever it is. Recovery
         // replays a partition's commit-log records above the newest lsn its
-        // segments hold; a freed log file keeps its old records until it is
-        // reused, so dropping the newest record could lower that floor
-        // below them, and replay would re-apply an old write of a key
-        // without the later ones (a deleted key came back: model seed
-        // 322123604343). A kept record the index does not point at stays
-        // dead (the index moves only records it points at).
+        // segments hold. Log files are reused in the order they come clean,
+        // so a file still in use can hold a partition's older records while
+        // the file with its newer ones has been reused already; dropping
+        // the newest record could lower that floor below the older ones,
+        // and replay would re-apply an old write of a key without the later
+        // ones (a deleted key came back: model seed 322123604343, found when
+        // free files still kept their records). A kept record the index
+        // does not point at stays dead (the index moves only records it
+        // points at).
         let newest_input_lsn = {
             let st = self.state.borrow();
             let part = &st.partitions[&partition];
@@ -502,5 +505,60 @@ impl<D: Disk> Inner<D> {
         futures::join!(log, self.segment_loop(), self.maintenance_loop());
         self.background_running.set(false);
         self.background_ended.notify();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::config::StorageConfig;
+    use crate::storage::sim_disk::{SimDisk, SimExecutor};
+    use crate::storage::{ShardLayout, ShardStore};
+
+    /// Partition 0's sealed segments: (id, newest lsn).
+    fn sealed_segments(store: &ShardStore<SimDisk>) -> Vec<(u64, u64)> {
+        let st = store.inner.state.borrow();
+        let part = &st.partitions[&0];
+        part.segments.iter().filter(|(_, s)| s.sealed).map(|(_, s)| (s.id, s.max_lsn)).collect()
+    }
+
+    /// The newest lsn of a partition's segments is recovery's replay floor;
+    /// a compaction must keep it where it was, even when the inputs' newest
+    /// record is dead (see the keep rule in `compact_partition`).
+    #[test]
+    fn a_compaction_keeps_its_inputs_newest_record_even_when_it_is_dead() {
+        let disk = SimDisk::new();
+        let exec = SimExecutor::new(disk.clone());
+        let spawner = exec.spawner();
+        let config = StorageConfig {
+            commit_log_file_bytes: 64 << 10,
+            write_buffer_bytes_max: 64 << 10,
+            compaction_dead_ratio: 0.4,
+            ..crate::storage::small_test_config()
+        };
+        let layout = ShardLayout { shard: 0, shard_count: 1, partition_count: 1 };
+        exec.block_on(async {
+            let (store, bg) = ShardStore::open(disk.clone(), Path::new("/data"), config, layout).await.unwrap();
+            spawner.spawn(bg);
+            // Rounds over the same keys: every record of a sealed segment,
+            // its newest included, is overwritten by a later round.
+            for round in 0..4u8 {
+                for k in 0..40 {
+                    store.put(0, format!("key-{k}").as_bytes(), &[round; 300]).await.unwrap();
+                }
+            }
+            store.sync().await.unwrap();
+            let before = sealed_segments(&store);
+            assert!(before.len() >= 2, "sealed segments: {before:?}");
+            assert!(store.compact(0).await.unwrap(), "nothing compacted: {before:?}");
+            let after = sealed_segments(&store);
+            let inputs: Vec<_> = before.iter().filter(|s| !after.contains(s)).collect();
+            let outputs: Vec<_> = after.iter().filter(|s| !before.contains(s)).collect();
+            let newest = |s: &[&(u64, u64)]| s.iter().map(|(_, lsn)| *lsn).max();
+            assert!(!inputs.is_empty(), "{before:?} -> {after:?}");
+            assert_eq!(newest(&outputs), newest(&inputs), "inputs {inputs:?}, outputs {outputs:?}");
+            store.close().await.unwrap();
+        });
     }
 }

@@ -140,3 +140,19 @@ impl StorageError {
 }
 
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;
+
+/// A small `group`-mode configuration for the in-crate tests: a few hundred
+/// writes of a few hundred bytes seal segments and switch commit-log files.
+#[cfg(test)]
+pub(crate) fn small_test_config() -> crate::config::StorageConfig {
+    crate::config::StorageConfig {
+        sync_mode: crate::config::SyncMode::Group,
+        segment_bytes: 16 << 10,
+        segment_write_bytes: 4 << 10,
+        commit_batch_bytes_max: 12 << 10,
+        read_cache_bytes: 2 << 10,
+        key_bytes_max: 32,
+        value_bytes_max: 512,
+        ..crate::config::StorageConfig::default()
+    }
+}
