@@ -153,7 +153,9 @@ pub struct NodeConfig {
     /// Per shard: memory glommio registers with io_uring (counts against
     /// `ulimit -l`; allocations beyond it come from the heap).
     pub io_memory_bytes: usize,
-    /// Busy-poll this long before an idle shard sleeps (lower latency, more CPU).
+    /// Busy-poll this long before an idle shard sleeps, yielding the CPU to
+    /// other runnable threads on each turn (no sleep and wake-up for work
+    /// that comes within it; costs up to this much CPU per sleep).
     pub spin_before_park_us: u64,
     /// Bounded queue of request batches into each shard from the others.
     pub peer_queue_batches: usize,
@@ -180,7 +182,7 @@ impl Default for NodeConfig {
             read_timeout_ms: 10_000,
             drain_timeout_ms: 5_000,
             io_memory_bytes: 1 << 20,
-            spin_before_park_us: 0,
+            spin_before_park_us: 30,
             peer_queue_batches: 256,
             reply_burst_max: 8,
         }

@@ -192,10 +192,30 @@ mod tests {
     /// trips parks both executors and wakes each from the other's thread.
     #[test]
     fn wakes_between_shards_are_never_lost() {
+        round_trips_between_two_executors(None);
+    }
+
+    /// The same with the node's default spin before parking: most wakes
+    /// then come while the other executor spins (and yields its CPU).
+    #[test]
+    fn wakes_between_spinning_shards_are_never_lost() {
+        let spin_us = crate::config::Config::default().node.spin_before_park_us;
+        assert!(spin_us > 0, "the default spins");
+        round_trips_between_two_executors(Some(Duration::from_micros(spin_us)));
+    }
+
+    fn round_trips_between_two_executors(spin_before_park: Option<Duration>) {
         const ROUND_TRIPS: u32 = 20_000;
+        let builder = || {
+            let builder = LocalExecutorBuilder::new(Placement::Unbound);
+            match spin_before_park {
+                Some(spin) => builder.spin_before_park(spin),
+                None => builder,
+            }
+        };
         let (to_echo, echo_inbox) = async_channel::bounded::<u32>(1);
         let (to_origin, origin_inbox) = async_channel::bounded::<u32>(1);
-        let echo = LocalExecutorBuilder::new(Placement::Unbound)
+        let echo = builder()
             .spawn(move || async move {
                 while let Ok(n) = echo_inbox.recv().await {
                     if to_origin.send(n + 1).await.is_err() {
@@ -204,7 +224,7 @@ mod tests {
                 }
             })
             .expect("an executor starts");
-        let origin = LocalExecutorBuilder::new(Placement::Unbound)
+        let origin = builder()
             .spawn(move || async move {
                 for n in 0..ROUND_TRIPS {
                     to_echo.send(n).await.expect("the echo shard runs");

@@ -1495,6 +1495,13 @@ impl LocalExecutor {
                         break t.unwrap();
                     } else {
                         while !this.reactor.spin_poll_io().unwrap() {
+                            if !spin_before_park.is_zero() {
+                                // ringkv: a spinning executor lets any other
+                                // thread runnable on its CPU go first (a load
+                                // generator, the OS), so the spin costs only
+                                // CPU nobody else wants.
+                                unsafe { libc::sched_yield() };
+                            }
                             if pre_time.elapsed() > spin_before_park {
                                 this.parker
                                     .park()
