@@ -456,13 +456,12 @@ impl<D: Disk> Inner<D> {
 
     /// Frees clean file `i` for reuse, first making its records invisible
     /// to replay: its header's first lsn becomes the next one to be issued,
-    /// above all of them. Replay also skips every record at or below its
-    /// partition's newest lsn in the segments (so a clean file's records
-    /// would be skipped anyway), but a file that keeps no records for
-    /// replay to judge needs no such floor to stay put: not if compaction
-    /// ever drops a partition's newest record (the bug fixed in 26fc81d
-    /// replayed a freed file's old puts over a later delete), nor if a
-    /// partition's segments are ever replaced by older ones.
+    /// above all of them. Replay would skip them anyway as long as each
+    /// partition's floor (the newest lsn its segments hold) stays put; an
+    /// emptied file does not depend on that. The floor once fell (a
+    /// compaction dropped a partition's newest record, fixed in 26fc81d)
+    /// and replay re-applied a free file's old put over a later delete;
+    /// replacing a partition's segments with older ones would lower it too.
     async fn empty_log_file(&self, i: usize) -> Result<()> {
         let above_all = self.state.borrow().next_lsn;
         self.rewrite_log_header(i, above_all).await?;
