@@ -510,10 +510,8 @@ impl<D: Disk> Inner<D> {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
     use crate::config::StorageConfig;
-    use crate::storage::sim_disk::{SimDisk, SimExecutor};
+    use crate::storage::sim_disk::SimDisk;
     use crate::storage::{ShardLayout, ShardStore};
 
     /// Partition 0's sealed segments: (id, newest lsn).
@@ -528,9 +526,6 @@ mod tests {
     /// record is dead (see the keep rule in `compact_partition`).
     #[test]
     fn a_compaction_keeps_its_inputs_newest_record_even_when_it_is_dead() {
-        let disk = SimDisk::new();
-        let exec = SimExecutor::new(disk.clone());
-        let spawner = exec.spawner();
         let config = StorageConfig {
             commit_log_file_bytes: 64 << 10,
             write_buffer_bytes_max: 64 << 10,
@@ -538,9 +533,7 @@ mod tests {
             ..crate::storage::small_test_config()
         };
         let layout = ShardLayout { shard: 0, shard_count: 1, partition_count: 1 };
-        exec.block_on(async {
-            let (store, bg) = ShardStore::open(disk.clone(), Path::new("/data"), config, layout).await.unwrap();
-            spawner.spawn(bg);
+        crate::storage::with_sim_store(config, layout, |store, _| async move {
             // Rounds over the same keys: every record of a sealed segment,
             // its newest included, is overwritten by a later round.
             for round in 0..4u8 {
@@ -558,7 +551,6 @@ mod tests {
             let newest = |s: &[&(u64, u64)]| s.iter().map(|(_, lsn)| *lsn).max();
             assert!(!inputs.is_empty(), "{before:?} -> {after:?}");
             assert_eq!(newest(&outputs), newest(&inputs), "inputs {inputs:?}, outputs {outputs:?}");
-            store.close().await.unwrap();
         });
     }
 }

@@ -156,3 +156,22 @@ pub(crate) fn small_test_config() -> crate::config::StorageConfig {
         ..crate::config::StorageConfig::default()
     }
 }
+
+/// Runs `body` on a store opened on a fresh simulated disk (its background
+/// tasks running), then closes the store: the in-crate tests' setup.
+#[cfg(test)]
+pub(crate) fn with_sim_store<F: std::future::Future<Output = ()>>(
+    config: crate::config::StorageConfig,
+    layout: ShardLayout,
+    body: impl FnOnce(ShardStore<sim_disk::SimDisk>, sim_disk::SimDisk) -> F,
+) {
+    let disk = sim_disk::SimDisk::new();
+    let exec = sim_disk::SimExecutor::new(disk.clone());
+    let spawner = exec.spawner();
+    exec.block_on(async {
+        let (store, bg) = ShardStore::open(disk.clone(), std::path::Path::new("/data"), config, layout).await.unwrap();
+        spawner.spawn(bg);
+        body(store.clone(), disk.clone()).await;
+        store.close().await.unwrap();
+    });
+}
