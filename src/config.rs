@@ -163,6 +163,13 @@ pub struct NodeConfig {
     /// `outbox`): a finished reply waits until this many are ready or the
     /// shard has nothing else to run. 1 sends each reply at once.
     pub reply_burst_max: usize,
+    /// How often each shard measures how long it waits for its CPU (see
+    /// `balance`); 0 turns connection balancing off.
+    pub connection_balance_interval_ms: u64,
+    /// A shard waiting for its CPU at least this share of the time (per
+    /// mille), and more than twice as long as another shard, hands idle
+    /// Redis connections to that shard.
+    pub connection_balance_wait_permille: u32,
 }
 
 impl Default for NodeConfig {
@@ -185,6 +192,8 @@ impl Default for NodeConfig {
             spin_before_park_us: 30,
             peer_queue_batches: 256,
             reply_burst_max: 8,
+            connection_balance_interval_ms: 100,
+            connection_balance_wait_permille: 100,
         }
     }
 }
@@ -203,6 +212,9 @@ impl NodeConfig {
         require(self.peer_queue_batches >= 1, "node.peer_queue_batches", || "must be at least 1".into())?;
         require(self.reply_burst_max >= 1, "node.reply_burst_max", || "must be at least 1".into())?;
         require(self.read_timeout_ms >= 1, "node.read_timeout_ms", || "must be at least 1".into())?;
+        require(self.connection_balance_wait_permille <= 1000, "node.connection_balance_wait_permille", || {
+            "a share of the time: at most 1000".into()
+        })?;
         require(self.value_bytes_max >= 1 && self.value_bytes_max <= 64 << 20, "node.value_bytes_max", || {
             "must be 1..=64 MiB".into()
         })

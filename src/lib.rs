@@ -25,6 +25,7 @@
 //!    (each recovery starts a new epoch).
 //! 6. Wall-clock time never orders data.
 
+pub mod balance;
 pub mod client;
 pub mod config;
 pub mod logic;

@@ -13,6 +13,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::mpsc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use glommio::{LocalExecutorBuilder, Placement};
@@ -193,11 +194,13 @@ struct ShardSetup {
     control: async_channel::Receiver<()>,
     ready: mpsc::Sender<Result<(), String>>,
     events: mpsc::Sender<Event>,
+    board: Arc<crate::balance::Board>,
 }
 
 /// Everything a shard does, on its own executor.
 async fn shard_main(setup: ShardSetup) {
-    let ShardSetup { index, shard_count, config, actor, root, marker, peers, inbound, control, ready, events } = setup;
+    let ShardSetup { index, shard_count, config, actor, root, marker, peers, inbound, control, ready, events, board } =
+        setup;
     EXIT_GUARD.with(|g| *g.borrow_mut() = Some(ExitGuard { shard: index, events, clean: false }));
     let layout = ShardLayout { shard: index, shard_count, partition_count: config.node.partition_count };
     let opened = async {
@@ -228,8 +231,28 @@ async fn shard_main(setup: ShardSetup) {
     spawn_detached(background);
     let (client_port, redis_port) = (config.node.client_port, config.node.redis_port);
     let drain = Duration::from_millis(config.node.drain_timeout_ms);
-    let shard = Rc::new(Shard::new(index, shard_count, actor, store, Rc::new(config), peers, client_port, redis_port));
+    let balancer = crate::balance::Balancer::new(
+        index,
+        board,
+        config.node.connection_balance_wait_permille,
+        config.node.connections_max_per_shard,
+    );
+    let balance_interval = Duration::from_millis(config.node.connection_balance_interval_ms);
+    let shard = Rc::new(Shard::new(
+        index,
+        shard_count,
+        actor,
+        store,
+        Rc::new(config),
+        peers,
+        client_port,
+        redis_port,
+        balancer,
+    ));
     spawn_detached(serve_peers(shard.clone(), inbound));
+    if shard_count > 1 && !balance_interval.is_zero() {
+        spawn_detached(balance_connections(shard.clone(), balance_interval));
+    }
     for (listener, protocol) in listeners {
         spawn_detached(accept_loop(shard.clone(), listener, protocol));
     }
@@ -260,6 +283,15 @@ async fn shard_main(setup: ShardSetup) {
     exit_cleanly();
 }
 
+/// Samples the shard's wait for its CPU every `interval` and decides which
+/// connections to hand over (see `balance`), until the shard stops.
+async fn balance_connections(shard: Rc<Shard>, interval: Duration) {
+    while !shard.stopping.get() {
+        shard.balancer.sample();
+        crate::runtime::sleep(interval).await;
+    }
+}
+
 /// Runs a node until SIGTERM/SIGINT (Ok) or a failure (Err).
 pub fn serve(config: Config) -> Result<(), NodeError> {
     config.validate()?;
@@ -273,6 +305,7 @@ pub fn serve(config: Config) -> Result<(), NodeError> {
     check_ports(config.node.listen_address, &ports)?;
 
     let (events_tx, events) = mpsc::channel();
+    let board = crate::balance::Board::new(shard_count);
     let mut inbound = Vec::new();
     let mut peers = Vec::new();
     for _ in 0..shard_count {
@@ -298,6 +331,7 @@ pub fn serve(config: Config) -> Result<(), NodeError> {
             control,
             ready,
             events: events_tx.clone(),
+            board: board.clone(),
         };
         let mut builder = LocalExecutorBuilder::new(Placement::Fixed((index % cpus) as usize))
             .name(&format!("ringkv-shard-{index}"))

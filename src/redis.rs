@@ -333,12 +333,24 @@ pub async fn serve_redis(shard: Rc<Shard>, mut stream: TcpStream) {
         turn.dispatch.clear();
         turn.items.clear();
         turn.immediate.clear();
-        if !out.is_empty() && shard.outbox.write_all(&mut stream, &mut out).await.is_err() {
+        let answered = !out.is_empty();
+        if answered && shard.outbox.write_all(&mut stream, &mut out).await.is_err() {
             return;
         }
         if fatal.is_some() || turn.quit {
             let _ = stream.close().await;
             return;
+        }
+        // Between turns with nothing read ahead, the connection holds no
+        // state but its socket: it can move to another shard. Only after
+        // a turn that answered something, so that a connection serves at
+        // least one turn wherever it lands.
+        if answered && input.data().is_empty() && !shard.stopping.get() {
+            if let Some(target) = shard.redis_handoff_target() {
+                if crate::server::hand_over_redis_connection(&shard, &stream, target) {
+                    return;
+                }
+            }
         }
         match input.fill(&mut stream, &shard, 4096).await {
             ReadOutcome::Data => {}

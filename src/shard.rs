@@ -55,13 +55,19 @@ pub mod internal {
     }
 }
 
-/// A batch of requests from another shard, and where to send the replies.
-pub struct PeerMessage {
-    pub body: Vec<u8>,
-    /// Each operation's partition, as routed (see `Route`).
-    pub partitions: Vec<u32>,
-    /// The request buffers come back with the replies, for reuse.
-    pub reply: oneshot::Sender<BatchDone>,
+/// What one shard sends another.
+pub enum PeerMessage {
+    /// A batch of requests, and where to send the replies.
+    Batch {
+        body: Vec<u8>,
+        /// Each operation's partition, as routed (see `Route`).
+        partitions: Vec<u32>,
+        /// The request buffers come back with the replies, for reuse.
+        reply: oneshot::Sender<BatchDone>,
+    },
+    /// An idle Redis-protocol connection to serve from now on (see
+    /// `balance`): nothing read ahead, nothing in flight.
+    RedisConnection(std::os::fd::OwnedFd),
 }
 
 /// A batch's request buffers (for reuse) and its replies.
@@ -87,6 +93,10 @@ pub struct ShardStats {
     pub requests: u64,
     pub forwarded_batches: u64,
     pub connections_refused: u64,
+    /// Redis connections handed to other shards, and taken from them (see
+    /// `balance`).
+    pub connections_handed_over: u64,
+    pub connections_taken_over: u64,
 }
 
 pub struct Shard {
@@ -113,6 +123,8 @@ pub struct Shard {
     pub stop: Notify,
     pub connections: Cell<usize>,
     pub connection_closed: Notify,
+    /// Which shard serves a Redis connection (see `balance`).
+    pub balancer: crate::balance::Balancer,
     pub client_port: u16,
     pub redis_port: u16,
     /// Replies waiting to leave in a burst (see `outbox`).
@@ -121,6 +133,10 @@ pub struct Shard {
     /// for this key panics the shard that executes it.
     #[cfg(debug_assertions)]
     fault_panic_key: Option<Vec<u8>>,
+    /// Fault injection for handoff tests (debug builds only): every idle
+    /// Redis connection moves to the next shard after each turn.
+    #[cfg(debug_assertions)]
+    fault_handoff_every_turn: bool,
 }
 
 fn status_of(error: &StorageError) -> Status {
@@ -304,6 +320,7 @@ impl Shard {
         peers: Vec<async_channel::Sender<PeerMessage>>,
         client_port: u16,
         redis_port: u16,
+        balancer: crate::balance::Balancer,
     ) -> Self {
         Self {
             index,
@@ -321,13 +338,26 @@ impl Shard {
             stop: Notify::default(),
             connections: Cell::new(0),
             connection_closed: Notify::default(),
+            balancer,
             outbox: crate::outbox::Outbox::new(config.node.reply_burst_max),
             config,
             client_port,
             redis_port,
             #[cfg(debug_assertions)]
             fault_panic_key: std::env::var_os("RINGKV_FAULT_PANIC_KEY").map(|k| k.into_encoded_bytes()),
+            #[cfg(debug_assertions)]
+            fault_handoff_every_turn: std::env::var_os("RINGKV_FAULT_HANDOFF_EVERY_TURN").is_some(),
         }
+    }
+
+    /// The shard an idle Redis connection of this shard should move to
+    /// now, if any (see `balance`).
+    pub fn redis_handoff_target(&self) -> Option<u32> {
+        #[cfg(debug_assertions)]
+        if self.fault_handoff_every_turn && self.shard_count > 1 {
+            return Some((self.index + 1) % self.shard_count);
+        }
+        self.balancer.shed_to()
     }
 
     pub fn partition(&self, key: &[u8]) -> u32 {
@@ -823,7 +853,8 @@ impl Shard {
              shard {i} reads: cache hits {} from write buffers {} from disk {} corrupt records skipped {}\n\
              shard {i} disk: segment data {} MiB, buffered {} KiB, segment writes {} ({} MiB), segments sealed {}, \
              compactions {} ({} MiB reclaimed), commit batches {} ({} records, {} fdatasyncs), storage-full errors {}\n\
-             shard {i} network: connections {} (refused {}), requests {}, batches to other shards {}, replies {} in {} bursts\n",
+             shard {i} network: connections {} (refused {}, handed to other shards {}, taken from them {}), requests {}, \
+             batches to other shards {}, replies {} in {} bursts, waiting for its CPU {:.1}% of the time\n",
             storage.keys,
             storage.puts,
             storage.removes,
@@ -846,10 +877,13 @@ impl Shard {
             storage.storage_full_errors,
             self.connections.get(),
             shard.connections_refused,
+            shard.connections_handed_over,
+            shard.connections_taken_over,
             shard.requests,
             shard.forwarded_batches,
             replies.replies,
             replies.bursts,
+            f64::from(self.balancer.wait_permille()) / 10.0,
         )
     }
 
@@ -1034,7 +1068,7 @@ impl Shard {
         }
         self.stats.borrow_mut().forwarded_batches += 1;
         let (reply, response) = oneshot::channel();
-        let message = PeerMessage { body, partitions, reply };
+        let message = PeerMessage::Batch { body, partitions, reply };
         self.peers[target as usize].send(message).await.map_err(|_| Status::Unavailable)?;
         response.await.map_err(|_| Status::Unavailable)
     }
@@ -1095,14 +1129,19 @@ pub fn push_key_value(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
     out.extend_from_slice(value);
 }
 
-/// Serves batches sent by other shards until the channel closes.
+/// Serves what other shards send until the channel closes.
 pub async fn serve_peers(shard: Rc<Shard>, inbound: async_channel::Receiver<PeerMessage>) {
-    while let Ok(PeerMessage { body, partitions, reply }) = inbound.recv().await {
-        let shard = shard.clone();
-        crate::runtime::spawn_detached(async move {
-            let out = shard.execute_batch(&body, &partitions).await;
-            let _ = reply.send((body, partitions, out));
-        });
+    while let Ok(message) = inbound.recv().await {
+        match message {
+            PeerMessage::Batch { body, partitions, reply } => {
+                let shard = shard.clone();
+                crate::runtime::spawn_detached(async move {
+                    let out = shard.execute_batch(&body, &partitions).await;
+                    let _ = reply.send((body, partitions, out));
+                });
+            }
+            PeerMessage::RedisConnection(fd) => crate::server::adopt_redis_connection(&shard, fd),
+        }
     }
 }
 

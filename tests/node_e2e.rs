@@ -482,6 +482,40 @@ fn a_redis_pipeline_behaves_as_if_its_commands_ran_one_after_another() {
     }
 }
 
+/// A Redis connection moved to another shard (see `balance`) keeps its
+/// replies whole and in order. Fault injection (debug builds) moves every
+/// idle Redis connection to the next shard after each turn, so the random
+/// pipelines of the test above cross shards hundreds of times.
+#[test]
+fn a_redis_connection_moved_between_shards_after_every_turn_answers_as_if_it_never_moved() {
+    for sync in ["group", "none"] {
+        let dir = scratch("e2e-handoff-");
+        let mut node = Node::spawn_with_env(
+            &dir.path().join("data"),
+            "127.0.0.28",
+            &["--shards", "2", "--sync", sync],
+            &[("RINGKV_FAULT_HANDOFF_EVERY_TURN", "1")],
+        );
+        node.wait_serving(Duration::from_secs(60));
+        for seed in 0..4 {
+            run_random_pipeline(&node, sync, seed);
+        }
+        let (ok, status, err) = cli(&["admin", "status", "--node", &node.client_address().to_string()]);
+        assert!(ok, "{err}");
+        let counts = |what: &str| -> Vec<u64> {
+            status
+                .split(what)
+                .skip(1)
+                .map(|rest| rest.trim_start().split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap())
+                .collect()
+        };
+        let (handed, taken) = (counts("handed to other shards"), counts("taken from them"));
+        assert_eq!(handed.len(), 2, "{status}");
+        assert!(handed.iter().all(|&n| n > 0), "every shard handed connections over: {status}");
+        assert_eq!(handed.iter().sum::<u64>(), taken.iter().sum::<u64>(), "{status}");
+    }
+}
+
 /// One pipeline of `a_redis_pipeline_behaves_as_if_its_commands_ran_one_after_another`.
 fn run_random_pipeline(node: &Node, sync: &str, seed: u64) {
     use std::collections::HashMap;
