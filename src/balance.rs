@@ -28,13 +28,15 @@ use std::time::Instant;
 #[derive(Debug)]
 pub struct Board {
     wait_permille: Box<[AtomicU32]>,
+    /// Per shard: time on its CPU, per mille of wall time (smoothed).
+    busy_permille: Box<[AtomicU32]>,
     connections: Box<[AtomicU32]>,
 }
 
 impl Board {
     pub fn new(shard_count: u32) -> Arc<Self> {
         let zeros = || (0..shard_count).map(|_| AtomicU32::new(0)).collect();
-        Arc::new(Self { wait_permille: zeros(), connections: zeros() })
+        Arc::new(Self { wait_permille: zeros(), busy_permille: zeros(), connections: zeros() })
     }
 }
 
@@ -122,14 +124,17 @@ impl Balancer {
         // A shard that hardly ran learns nothing about its core: its last
         // measurement and decision stand (so that the connections of the
         // next burst of load go where the last one's did).
-        if share(now_stat.run_ns, before.run_ns) < 100 {
+        let busy = share(now_stat.run_ns, before.run_ns).min(1000);
+        if busy < 100 {
             return;
         }
-        let permille = share(now_stat.wait_ns, before.wait_ns).min(1000);
         // Smoothed over ~4 samples: a short burst of some other thread
         // (a kernel worker, say) must not move every connection.
-        let slot = &self.board.wait_permille[self.index as usize];
-        slot.store((3 * slot.load(Ordering::Relaxed) + permille) / 4, Ordering::Relaxed);
+        let smooth = |slot: &AtomicU32, permille: u32| {
+            slot.store((3 * slot.load(Ordering::Relaxed) + permille) / 4, Ordering::Relaxed)
+        };
+        smooth(&self.board.wait_permille[self.index as usize], share(now_stat.wait_ns, before.wait_ns).min(1000));
+        smooth(&self.board.busy_permille[self.index as usize], busy);
         let load = |v: &[AtomicU32]| v.iter().map(|x| x.load(Ordering::Relaxed)).collect();
         let loads = Loads { waits: load(&self.board.wait_permille), connections: load(&self.board.connections) };
         self.shed_to.set(decide(self.index, &loads, self.threshold_permille, self.connections_max));
@@ -143,6 +148,11 @@ impl Balancer {
     /// This shard's latest run-queue wait, per mille of wall time.
     pub fn wait_permille(&self) -> u32 {
         self.board.wait_permille[self.index as usize].load(Ordering::Relaxed)
+    }
+
+    /// This shard's latest time on its CPU, per mille of wall time.
+    pub fn busy_permille(&self) -> u32 {
+        self.board.busy_permille[self.index as usize].load(Ordering::Relaxed)
     }
 }
 

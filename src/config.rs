@@ -170,6 +170,9 @@ pub struct NodeConfig {
     /// mille), and more than twice as long as another shard, hands idle
     /// Redis connections to that shard.
     pub connection_balance_wait_permille: u32,
+    /// Only a connection whose last turn ran at least this many key
+    /// operations (pipelined or multi-key commands) moves.
+    pub connection_balance_operations_min: usize,
 }
 
 impl Default for NodeConfig {
@@ -194,6 +197,7 @@ impl Default for NodeConfig {
             reply_burst_max: 8,
             connection_balance_interval_ms: 100,
             connection_balance_wait_permille: 100,
+            connection_balance_operations_min: 8,
         }
     }
 }

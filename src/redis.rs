@@ -323,7 +323,8 @@ pub async fn serve_redis(shard: Rc<Shard>, mut stream: TcpStream) {
                 }
             }
         }
-        if !turn.dispatch.is_empty() {
+        let operations = turn.dispatch.len();
+        if operations > 0 {
             turn.dispatch.run(&shard).await;
         }
         write_replies(&turn, &mut out);
@@ -346,7 +347,7 @@ pub async fn serve_redis(shard: Rc<Shard>, mut stream: TcpStream) {
         // a turn that answered something, so that a connection serves at
         // least one turn wherever it lands.
         if answered && input.data().is_empty() && !shard.stopping.get() {
-            if let Some(target) = shard.redis_handoff_target() {
+            if let Some(target) = shard.redis_handoff_target(operations) {
                 if crate::server::hand_over_redis_connection(&shard, &stream, target) {
                     return;
                 }

@@ -350,12 +350,16 @@ impl Shard {
         }
     }
 
-    /// The shard an idle Redis connection of this shard should move to
-    /// now, if any (see `balance`).
-    pub fn redis_handoff_target(&self) -> Option<u32> {
+    /// The shard an idle Redis connection of this shard, whose last turn
+    /// ran `operations` key operations, should move to now, if any (see
+    /// `balance`).
+    pub fn redis_handoff_target(&self, operations: usize) -> Option<u32> {
         #[cfg(debug_assertions)]
         if self.fault_handoff_every_turn && self.shard_count > 1 {
             return Some((self.index + 1) % self.shard_count);
+        }
+        if operations < self.config.node.connection_balance_operations_min {
+            return None;
         }
         self.balancer.shed_to()
     }
@@ -854,7 +858,7 @@ impl Shard {
              shard {i} disk: segment data {} MiB, buffered {} KiB, segment writes {} ({} MiB), segments sealed {}, \
              compactions {} ({} MiB reclaimed), commit batches {} ({} records, {} fdatasyncs), storage-full errors {}\n\
              shard {i} network: connections {} (refused {}, handed to other shards {}, taken from them {}), requests {}, \
-             batches to other shards {}, replies {} in {} bursts, waiting for its CPU {:.1}% of the time\n",
+             batches to other shards {}, replies {} in {} bursts; on its CPU {:.1}% of the time, waiting for it {:.1}%\n",
             storage.keys,
             storage.puts,
             storage.removes,
@@ -883,6 +887,7 @@ impl Shard {
             shard.forwarded_batches,
             replies.replies,
             replies.bursts,
+            f64::from(self.balancer.busy_permille()) / 10.0,
             f64::from(self.balancer.wait_permille()) / 10.0,
         )
     }

@@ -488,6 +488,7 @@ fn a_redis_pipeline_behaves_as_if_its_commands_ran_one_after_another() {
 /// pipelines of the test above cross shards hundreds of times.
 #[test]
 fn a_redis_connection_moved_between_shards_after_every_turn_answers_as_if_it_never_moved() {
+    use std::io::{Read, Write};
     for sync in ["group", "none"] {
         let dir = scratch("e2e-handoff-");
         let mut node = Node::spawn_with_env(
@@ -500,19 +501,48 @@ fn a_redis_connection_moved_between_shards_after_every_turn_answers_as_if_it_nev
         for seed in 0..4 {
             run_random_pipeline(&node, sync, seed);
         }
-        let (ok, status, err) = cli(&["admin", "status", "--node", &node.client_address().to_string()]);
-        assert!(ok, "{err}");
-        let counts = |what: &str| -> Vec<u64> {
+        // One request at a time: each is a turn of its own (the node cannot
+        // read ahead of a client waiting for the reply), so the connection
+        // changes shards after every one.
+        let mut stream = std::net::TcpStream::connect(std::net::SocketAddr::new(node.ip, node.redis_port)).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        for round in 0..50 {
+            let (key, value) = (format!("moving-{}", round % 7), format!("value-{round}"));
+            let request = format!(
+                "*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${}\r\n{value}\r\n*2\r\n$3\r\nGET\r\n${}\r\n{key}\r\n",
+                key.len(),
+                value.len(),
+                key.len()
+            );
+            stream.write_all(request.as_bytes()).unwrap();
+            let expected = format!("+OK\r\n${}\r\n{value}\r\n", value.len());
+            let mut got = vec![0; expected.len()];
+            stream.read_exact(&mut got).unwrap();
+            assert_eq!(String::from_utf8_lossy(&got), expected, "sync {sync}, round {round}");
+        }
+        // Each shard handed the connection over (at least after every
+        // other round), and every hand-over arrived. The last one may still
+        // be on its way when the last reply is read: wait for it.
+        let counts = |status: &str, what: &str| -> Vec<u64> {
             status
                 .split(what)
                 .skip(1)
                 .map(|rest| rest.trim_start().split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap())
                 .collect()
         };
-        let (handed, taken) = (counts("handed to other shards"), counts("taken from them"));
-        assert_eq!(handed.len(), 2, "{status}");
-        assert!(handed.iter().all(|&n| n > 0), "every shard handed connections over: {status}");
-        assert_eq!(handed.iter().sum::<u64>(), taken.iter().sum::<u64>(), "{status}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let (ok, status, err) = cli(&["admin", "status", "--node", &node.client_address().to_string()]);
+            assert!(ok, "{err}");
+            let (handed, taken) = (counts(&status, "handed to other shards"), counts(&status, "taken from them"));
+            assert_eq!(handed.len(), 2, "{status}");
+            assert!(handed.iter().all(|&n| n >= 25), "every shard handed the connection over: {status}");
+            if handed.iter().sum::<u64>() == taken.iter().sum::<u64>() {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "a hand-over never arrived: {status}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
