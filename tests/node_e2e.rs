@@ -485,10 +485,12 @@ fn a_redis_pipeline_behaves_as_if_its_commands_ran_one_after_another() {
 /// A Redis connection moved to another shard (see `balance`) keeps its
 /// replies whole and in order. Fault injection (debug builds) moves every
 /// idle Redis connection to the next shard after each turn, so the random
-/// pipelines of the test above cross shards hundreds of times.
+/// pipelines of the test above (`RINGKV_PIPELINE_SEEDS` of them per mode)
+/// cross shards hundreds of times.
 #[test]
 fn a_redis_connection_moved_between_shards_after_every_turn_answers_as_if_it_never_moved() {
     use std::io::{Read, Write};
+    let seeds: u64 = std::env::var("RINGKV_PIPELINE_SEEDS").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
     for sync in ["group", "none"] {
         let dir = scratch("e2e-handoff-");
         let mut node = Node::spawn_with_env(
@@ -498,7 +500,7 @@ fn a_redis_connection_moved_between_shards_after_every_turn_answers_as_if_it_nev
             &[("RINGKV_FAULT_HANDOFF_EVERY_TURN", "1")],
         );
         node.wait_serving(Duration::from_secs(60));
-        for seed in 0..4 {
+        for seed in 0..seeds {
             run_random_pipeline(&node, sync, seed);
         }
         // One request at a time: each is a turn of its own (the node cannot
