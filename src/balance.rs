@@ -49,37 +49,47 @@ pub struct Loads {
     pub connections: Vec<u32>,
 }
 
+/// Where a shard moves idle connections, and how many at most, until its
+/// next sample.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Move {
+    pub target: u32,
+    pub count: u32,
+}
+
 /// The balancing decision, pure: where shard `me` should move its idle
-/// connections to, if anywhere.
+/// connections to, if anywhere, and how many.
 ///
 /// - Away from contention: a shard waiting at least `threshold_permille`
 ///   of the time, and more than twice as long as the least-waiting shard,
-///   moves them there.
+///   moves all of them there.
 /// - Back to even: a shard that waits little (under half the threshold)
-///   moves them to the uncontended shard with the fewest connections while
-///   it has more than 1 + 1/8 more than that shard, so that connections
-///   moved away from a core that was shared once spread out again when it
-///   no longer is. A contended shard never receives them this way.
+///   moves half the difference to the uncontended shard with the fewest
+///   connections, if it has more than 1 + 1/8 more than that shard, so
+///   that connections moved away from a core that was shared once spread
+///   out again when it no longer is. A contended shard never receives
+///   them this way.
 ///
 /// No target with `connections_max` connections or more is chosen.
-pub fn decide(me: u32, loads: &Loads, threshold_permille: u32, connections_max: u32) -> Option<u32> {
+pub fn decide(me: u32, loads: &Loads, threshold_permille: u32, connections_max: u32) -> Option<Move> {
     let me = me as usize;
     let mine = loads.waits[me];
     let others = || (0..loads.waits.len()).filter(move |&s| s != me && loads.connections[s] < connections_max);
-    if loads.connections[me] == 0 {
+    let have = loads.connections[me];
+    if have == 0 {
         return None;
     }
     if mine >= threshold_permille {
         let target = others().min_by_key(|&s| (loads.waits[s], s))?;
-        return (loads.waits[target].saturating_mul(2) < mine).then_some(target as u32);
+        return (loads.waits[target].saturating_mul(2) < mine).then_some(Move { target: target as u32, count: have });
     }
     let calm = threshold_permille / 2;
     if mine >= calm {
         return None;
     }
     let target = others().filter(|&s| loads.waits[s] < calm).min_by_key(|&s| (loads.connections[s], s))?;
-    let (have, theirs) = (loads.connections[me], loads.connections[target]);
-    (have > theirs + 1 + theirs / 8).then_some(target as u32)
+    let theirs = loads.connections[target];
+    (have > theirs + 1 + theirs / 8).then(|| Move { target: target as u32, count: (have - theirs) / 2 })
 }
 
 /// One shard's balancer: samples its thread's run-queue wait, publishes
@@ -89,8 +99,9 @@ pub struct Balancer {
     board: Arc<Board>,
     threshold_permille: u32,
     connections_max: u32,
-    /// Where idle connections go until the next sample.
-    shed_to: Cell<Option<u32>>,
+    /// Where idle connections go until the next sample, and how many
+    /// more may.
+    moving: Cell<Option<Move>>,
     /// The previous sample: when, time on the CPU and waiting for it (ns).
     last: Cell<Option<(Instant, Schedstat)>>,
 }
@@ -102,7 +113,7 @@ impl Balancer {
             board,
             threshold_permille,
             connections_max: u32::try_from(connections_max).unwrap_or(u32::MAX),
-            shed_to: Cell::new(None),
+            moving: Cell::new(None),
             last: Cell::new(None),
         }
     }
@@ -137,12 +148,18 @@ impl Balancer {
         smooth(&self.board.busy_permille[self.index as usize], busy);
         let load = |v: &[AtomicU32]| v.iter().map(|x| x.load(Ordering::Relaxed)).collect();
         let loads = Loads { waits: load(&self.board.wait_permille), connections: load(&self.board.connections) };
-        self.shed_to.set(decide(self.index, &loads, self.threshold_permille, self.connections_max));
+        let decided = decide(self.index, &loads, self.threshold_permille, self.connections_max);
+        if decided.map(|m| m.target) != self.moving.replace(decided).map(|m| m.target) {
+            tracing::debug!(shard = self.index, ?decided, ?loads, "connection balancing changed");
+        }
     }
 
-    /// The shard an idle connection should move to now, if any.
-    pub fn shed_to(&self) -> Option<u32> {
-        self.shed_to.get()
+    /// The shard an idle connection should move to now, if any (counted
+    /// as moved).
+    pub fn take_move(&self) -> Option<u32> {
+        let Move { target, count } = self.moving.get()?;
+        self.moving.set((count > 1).then_some(Move { target, count: count - 1 }));
+        Some(target)
     }
 
     /// This shard's latest run-queue wait, per mille of wall time.
@@ -187,10 +204,11 @@ mod tests {
     #[test]
     fn a_shard_waiting_for_its_cpu_hands_its_connections_to_the_least_waiting_shard() {
         // Shard 0 waits 38% of the time, shard 1 6%.
-        assert_eq!(decide(0, &loads(&[380, 60], &[26, 27]), 100, 1024), Some(1));
-        assert_eq!(decide(0, &loads(&[380, 200, 50], &[3, 3, 3]), 100, 1024), Some(2));
+        let to = |target, count| Some(Move { target, count });
+        assert_eq!(decide(0, &loads(&[380, 60], &[26, 27]), 100, 1024), to(1, 26));
+        assert_eq!(decide(0, &loads(&[380, 200, 50], &[3, 3, 3]), 100, 1024), to(2, 3));
         // ... even when that shard has every other connection already.
-        assert_eq!(decide(0, &loads(&[380, 60], &[1, 52]), 100, 1024), Some(1));
+        assert_eq!(decide(0, &loads(&[380, 60], &[1, 52]), 100, 1024), to(1, 1));
         // Both wait alike (an overloaded machine): moving would not help.
         assert_eq!(decide(0, &loads(&[380, 200], &[26, 27]), 100, 1024), None);
         // Nothing to hand over, or no room at the target.
@@ -202,9 +220,12 @@ mod tests {
 
     #[test]
     fn connections_spread_back_only_between_shards_that_wait_little() {
-        // Nobody waits: the shard with far more connections gives some up.
-        assert_eq!(decide(1, &loads(&[0, 10], &[1, 52]), 100, 1024), Some(0));
-        assert_eq!(decide(1, &loads(&[0, 10, 5], &[20, 52, 9]), 100, 1024), Some(2));
+        // Nobody waits: the shard with far more connections gives up half
+        // the difference (no more, or they would bounce back).
+        let to = |target, count| Some(Move { target, count });
+        assert_eq!(decide(1, &loads(&[0, 10], &[1, 52]), 100, 1024), to(0, 25));
+        assert_eq!(decide(1, &loads(&[0, 10, 5], &[20, 52, 9]), 100, 1024), to(2, 21));
+        assert_eq!(decide(1, &loads(&[0, 10], &[23, 27]), 100, 1024), to(0, 2));
         // Near even (within 1 + 1/8): nothing moves, so nothing bounces.
         assert_eq!(decide(1, &loads(&[0, 10], &[25, 27]), 100, 1024), None);
         assert_eq!(decide(0, &loads(&[0, 10], &[25, 27]), 100, 1024), None);
@@ -213,6 +234,15 @@ mod tests {
         assert_eq!(decide(1, &loads(&[380, 10], &[1, 52]), 100, 1024), None);
         // Between calm and contended: no move either way.
         assert_eq!(decide(1, &loads(&[0, 70], &[1, 52]), 100, 1024), None);
+    }
+
+    #[test]
+    fn a_move_ends_after_its_count() {
+        let balancer = Balancer::new(0, Board::new(2), 100, 1024);
+        balancer.moving.set(Some(Move { target: 1, count: 2 }));
+        assert_eq!(balancer.take_move(), Some(1));
+        assert_eq!(balancer.take_move(), Some(1));
+        assert_eq!(balancer.take_move(), None);
     }
 
     #[test]

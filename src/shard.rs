@@ -361,7 +361,7 @@ impl Shard {
         if operations < self.config.node.connection_balance_operations_min {
             return None;
         }
-        self.balancer.shed_to()
+        self.balancer.take_move()
     }
 
     pub fn partition(&self, key: &[u8]) -> u32 {
