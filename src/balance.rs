@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 /// Per shard, shared by all shards: the latest run-queue wait (per mille
-/// of wall time) and the number of open connections.
+/// of wall time), time on its CPU, and the Redis connections it serves.
 #[derive(Debug)]
 pub struct Board {
     wait_permille: Box<[AtomicU32]>,
@@ -45,7 +45,7 @@ impl Board {
 pub struct Loads {
     /// Per shard: run-queue wait, per mille of the time (smoothed).
     pub waits: Vec<u32>,
-    /// Per shard: open connections.
+    /// Per shard: Redis connections it serves.
     pub connections: Vec<u32>,
 }
 
@@ -118,9 +118,11 @@ impl Balancer {
         }
     }
 
-    /// Publishes this shard's open connections (called as they change).
-    pub fn set_connections(&self, open: usize) {
-        self.board.connections[self.index as usize].store(u32::try_from(open).unwrap_or(u32::MAX), Ordering::Relaxed);
+    /// Counts a Redis connection this shard serves until the guard drops
+    /// (only those can move, so only those are balanced).
+    pub fn serving(&self) -> ServingGuard<'_> {
+        self.board.connections[self.index as usize].fetch_add(1, Ordering::Relaxed);
+        ServingGuard(self)
     }
 
     /// Samples the calling thread's run-queue wait since the last sample,
@@ -170,6 +172,15 @@ impl Balancer {
     /// This shard's latest time on its CPU, per mille of wall time.
     pub fn busy_permille(&self) -> u32 {
         self.board.busy_permille[self.index as usize].load(Ordering::Relaxed)
+    }
+}
+
+/// See `Balancer::serving`.
+pub struct ServingGuard<'a>(&'a Balancer);
+
+impl Drop for ServingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.board.connections[self.0.index as usize].fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -298,6 +298,7 @@ pub async fn serve_redis(shard: Rc<Shard>, mut stream: TcpStream) {
         arguments_max: 1 + 2 * 100_000,
         bulk_bytes_max: shard.config.node.value_bytes_max.max(shard.config.storage.key_bytes_max),
     };
+    let _serving = shard.balancer.serving();
     let mut input = ReadBuffer::new();
     let mut out = Vec::with_capacity(64 << 10);
     let mut args = Vec::new();

@@ -37,7 +37,6 @@ pub struct ConnectionGuard(Rc<Shard>);
 impl ConnectionGuard {
     pub fn new(shard: &Rc<Shard>) -> Self {
         shard.connections.set(shard.connections.get() + 1);
-        shard.balancer.set_connections(shard.connections.get());
         Self(shard.clone())
     }
 }
@@ -45,7 +44,6 @@ impl ConnectionGuard {
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.0.connections.set(self.0.connections.get() - 1);
-        self.0.balancer.set_connections(self.0.connections.get());
         self.0.connection_closed.notify();
     }
 }
@@ -98,13 +96,13 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, protocol: Prot
 /// to shard `target`, which serves it from then on; `false` if it cannot
 /// take it now (its queue is full or it is gone), and the connection stays.
 pub fn hand_over_redis_connection(shard: &Shard, stream: &TcpStream, target: u32) -> bool {
-    use std::os::fd::{AsFd, AsRawFd};
+    use std::os::fd::AsRawFd;
     // SAFETY: the descriptor is the open socket `stream` owns; the borrow
     // ends before this function returns, while `stream` is alive.
     let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(stream.as_raw_fd()) };
     // A second descriptor for the same socket: `stream` closes its own
     // when the caller drops it, and the target owns this one.
-    let Ok(fd) = borrowed.as_fd().try_clone_to_owned() else { return false };
+    let Ok(fd) = borrowed.try_clone_to_owned() else { return false };
     if shard.peers[target as usize].try_send(crate::shard::PeerMessage::RedisConnection(fd)).is_err() {
         return false;
     }
