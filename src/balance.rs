@@ -6,17 +6,19 @@
 //! it, and with it every request for its partitions. Key ownership is
 //! fixed, but the work of a connection (reading, parsing, routing,
 //! replying: about half of a pipelined SET's cost) can run on any shard.
-//! So a shard that waits for its CPU a good share of the time hands
-//! idle Redis connections to a shard that waits far less. Measured on 2
-//! vCPUs next to redis-benchmark: the shard sharing its vCPU waited 35-40%
-//! of the time and the other 5-7%; with the connections on one shard,
-//! -P 16 SET 1.12x and GET 1.24x (same-run A/B against spreading them).
+//! So a shard that waits for its CPU a good share of the time hands its
+//! idle Redis connections to a shard that waits far less, and shards that
+//! hardly wait even their counts back out. Only pipelined connections
+//! move (see `connection_balance_operations_min`). Measured on 2 vCPUs
+//! next to redis-benchmark: the shard sharing its vCPU waited 35-40% of
+//! the time and the other 5-7%; balancing against none, same-run A/B:
+//! -P 16 SET 1.18x, GET 1.23x; -P 1 unchanged.
 //!
 //! The signal is the kernel's per-thread run-queue wait
 //! (`/proc/thread-self/schedstat`), sampled by each shard every
 //! `connection_balance_interval_ms` and published on a board all shards
 //! read. A shard with nothing sharing its core waits ~0, so on a dedicated
-//! machine connections stay where `SO_REUSEPORT` put them.
+//! machine only the evening-out moves anything.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -135,8 +137,9 @@ impl Balancer {
         let wall_ns = now.duration_since(at).as_nanos().max(1) as u64;
         let share = |later: u64, earlier: u64| (later.saturating_sub(earlier).saturating_mul(1000) / wall_ns) as u32;
         // A shard that hardly ran learns nothing about its core: its last
-        // measurement and decision stand (so that the connections of the
-        // next burst of load go where the last one's did).
+        // measurement stands rather than decaying as an idle shard's wait
+        // would (which would draw connections back to a shared core
+        // between two bursts of load), and so does its decision.
         let busy = share(now_stat.run_ns, before.run_ns).min(1000);
         if busy < 100 {
             return;
