@@ -26,19 +26,17 @@ use std::sync::Arc;
 use std::time::Instant;
 
 /// Per shard, shared by all shards: the latest run-queue wait (per mille
-/// of wall time), time on its CPU, and the Redis connections it serves.
+/// of wall time, smoothed) and the Redis connections it serves.
 #[derive(Debug)]
 pub struct Board {
     wait_permille: Box<[AtomicU32]>,
-    /// Per shard: time on its CPU, per mille of wall time (smoothed).
-    busy_permille: Box<[AtomicU32]>,
     connections: Box<[AtomicU32]>,
 }
 
 impl Board {
     pub fn new(shard_count: u32) -> Arc<Self> {
         let zeros = || (0..shard_count).map(|_| AtomicU32::new(0)).collect();
-        Arc::new(Self { wait_permille: zeros(), busy_permille: zeros(), connections: zeros() })
+        Arc::new(Self { wait_permille: zeros(), connections: zeros() })
     }
 }
 
@@ -106,6 +104,9 @@ pub struct Balancer {
     moving: Cell<Option<Move>>,
     /// The previous sample: when, time on the CPU and waiting for it (ns).
     last: Cell<Option<(Instant, Schedstat)>>,
+    /// Time on the CPU, per mille of wall time (smoothed; for `admin
+    /// status` only, so not on the board).
+    busy_permille: Cell<u32>,
 }
 
 impl Balancer {
@@ -117,6 +118,7 @@ impl Balancer {
             connections_max: u32::try_from(connections_max).unwrap_or(u32::MAX),
             moving: Cell::new(None),
             last: Cell::new(None),
+            busy_permille: Cell::new(0),
         }
     }
 
@@ -146,11 +148,13 @@ impl Balancer {
         }
         // Smoothed over ~4 samples: a short burst of some other thread
         // (a kernel worker, say) must not move every connection.
-        let smooth = |slot: &AtomicU32, permille: u32| {
-            slot.store((3 * slot.load(Ordering::Relaxed) + permille) / 4, Ordering::Relaxed)
-        };
-        smooth(&self.board.wait_permille[self.index as usize], share(now_stat.wait_ns, before.wait_ns).min(1000));
-        smooth(&self.board.busy_permille[self.index as usize], busy);
+        let smooth = |earlier: u32, permille: u32| (3 * earlier + permille) / 4;
+        let wait = &self.board.wait_permille[self.index as usize];
+        wait.store(
+            smooth(wait.load(Ordering::Relaxed), share(now_stat.wait_ns, before.wait_ns).min(1000)),
+            Ordering::Relaxed,
+        );
+        self.busy_permille.set(smooth(self.busy_permille.get(), busy));
         let load = |v: &[AtomicU32]| v.iter().map(|x| x.load(Ordering::Relaxed)).collect();
         let loads = Loads { waits: load(&self.board.wait_permille), connections: load(&self.board.connections) };
         let decided = decide(self.index, &loads, self.threshold_permille, self.connections_max);
@@ -174,7 +178,7 @@ impl Balancer {
 
     /// This shard's latest time on its CPU, per mille of wall time.
     pub fn busy_permille(&self) -> u32 {
-        self.board.busy_permille[self.index as usize].load(Ordering::Relaxed)
+        self.busy_permille.get()
     }
 }
 
@@ -211,43 +215,46 @@ fn parse_schedstat(text: &str) -> Option<Schedstat> {
 mod tests {
     use super::*;
 
-    fn loads(waits: &[u32], connections: &[u32]) -> Loads {
-        Loads { waits: waits.to_vec(), connections: connections.to_vec() }
+    /// `decide` with a threshold of 100 per mille and room for 1024.
+    fn decided(me: u32, waits: &[u32], connections: &[u32]) -> Option<Move> {
+        decide(me, &Loads { waits: waits.to_vec(), connections: connections.to_vec() }, 100, 1024)
+    }
+
+    fn to(target: u32, count: u32) -> Option<Move> {
+        Some(Move { target, count })
     }
 
     #[test]
     fn a_shard_waiting_for_its_cpu_hands_its_connections_to_the_least_waiting_shard() {
         // Shard 0 waits 38% of the time, shard 1 6%.
-        let to = |target, count| Some(Move { target, count });
-        assert_eq!(decide(0, &loads(&[380, 60], &[26, 27]), 100, 1024), to(1, 26));
-        assert_eq!(decide(0, &loads(&[380, 200, 50], &[3, 3, 3]), 100, 1024), to(2, 3));
+        assert_eq!(decided(0, &[380, 60], &[26, 27]), to(1, 26));
+        assert_eq!(decided(0, &[380, 200, 50], &[3, 3, 3]), to(2, 3));
         // ... even when that shard has every other connection already.
-        assert_eq!(decide(0, &loads(&[380, 60], &[1, 52]), 100, 1024), to(1, 1));
+        assert_eq!(decided(0, &[380, 60], &[1, 52]), to(1, 1));
         // Both wait alike (an overloaded machine): moving would not help.
-        assert_eq!(decide(0, &loads(&[380, 200], &[26, 27]), 100, 1024), None);
+        assert_eq!(decided(0, &[380, 200], &[26, 27]), None);
         // Nothing to hand over, or no room at the target.
-        assert_eq!(decide(0, &loads(&[380, 60], &[0, 27]), 100, 1024), None);
-        assert_eq!(decide(0, &loads(&[380, 60], &[26, 1024]), 100, 1024), None);
+        assert_eq!(decided(0, &[380, 60], &[0, 27]), None);
+        assert_eq!(decided(0, &[380, 60], &[26, 1024]), None);
         // One shard alone never sheds.
-        assert_eq!(decide(0, &loads(&[900], &[26]), 100, 1024), None);
+        assert_eq!(decided(0, &[900], &[26]), None);
     }
 
     #[test]
     fn connections_spread_back_only_between_shards_that_wait_little() {
         // Nobody waits: the shard with far more connections gives up half
         // the difference (no more, or they would bounce back).
-        let to = |target, count| Some(Move { target, count });
-        assert_eq!(decide(1, &loads(&[0, 10], &[1, 52]), 100, 1024), to(0, 25));
-        assert_eq!(decide(1, &loads(&[0, 10, 5], &[20, 52, 9]), 100, 1024), to(2, 21));
-        assert_eq!(decide(1, &loads(&[0, 10], &[23, 27]), 100, 1024), to(0, 2));
+        assert_eq!(decided(1, &[0, 10], &[1, 52]), to(0, 25));
+        assert_eq!(decided(1, &[0, 10, 5], &[20, 52, 9]), to(2, 21));
+        assert_eq!(decided(1, &[0, 10], &[23, 27]), to(0, 2));
         // Near even (within 1 + 1/8): nothing moves, so nothing bounces.
-        assert_eq!(decide(1, &loads(&[0, 10], &[25, 27]), 100, 1024), None);
-        assert_eq!(decide(0, &loads(&[0, 10], &[25, 27]), 100, 1024), None);
+        assert_eq!(decided(1, &[0, 10], &[25, 27]), None);
+        assert_eq!(decided(0, &[0, 10], &[25, 27]), None);
         // The shard with few connections still waits for its core: the
         // connections stay away from it.
-        assert_eq!(decide(1, &loads(&[380, 10], &[1, 52]), 100, 1024), None);
+        assert_eq!(decided(1, &[380, 10], &[1, 52]), None);
         // Between calm and contended: no move either way.
-        assert_eq!(decide(1, &loads(&[0, 70], &[1, 52]), 100, 1024), None);
+        assert_eq!(decided(1, &[0, 70], &[1, 52]), None);
     }
 
     #[test]
